@@ -1,0 +1,296 @@
+"""Structured configs (Hydra ConfigStore) and their validation.
+
+Every entry point composes one `Config`: the groups `model`, `data`, `sae`, `judge`, `steering`, `hybrid`,
+`wandb`, plus a few top-level fields. The YAML files in `conf/` fill these dataclasses, so a typo in a key or a
+wrong type is caught by OmegaConf at composition time; `validate` then checks the values against each other
+(layers against the model's depth, k against n_latents, files that must exist) before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, ListConfig
+
+from sae_reasoning.errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelSpec:
+    """One causal LM: a Hugging Face hub id (``org/name``) or a local folder."""
+
+    path: str = MISSING
+    revision: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    """A thinking/base pair and the layers the method uses (TransformerLens numbering: ``blocks.L``)."""
+
+    name: str = MISSING
+    thinking: ModelSpec = field(default_factory=ModelSpec)
+    base: ModelSpec = field(default_factory=ModelSpec)
+    n_layers: int = MISSING  # decoder blocks of the thinking model; checked against the loaded config
+    base_n_layers: Optional[int] = None  # when the base differs in depth (never for the paper's pairs)
+    sae_layers: list[int] = MISSING  # layers whose sentence activations feed the SAE grid
+    steering_layer: int = MISSING  # block of the base model whose output the vectors are added to
+    paper_sae_layer: Optional[int] = None  # the authors' chosen SAE layer / size, for reference
+    paper_n_latents: Optional[int] = None
+    dtype: str = "auto"  # float32 | float16 | bfloat16 | auto (bfloat16 on GPU, float32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """A question set with gold answers, and how traces are generated from it."""
+
+    name: str = MISSING  # organism | gsm8k | math500 | mmlu_pro
+    source: str = MISSING  # local JSONL path, hub id, or "generated" (organism)
+    split: str = "test"
+    limit: Optional[int] = None  # use the first N questions (after sharding)
+    seed: int = 0
+    # trace generation
+    max_new_tokens: int = 1000
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    backend: str = "hf"  # hf | vllm
+    # sentences and activations
+    min_words: int = 3
+    activation_dtype: str = "float32"  # float32 | float16 | bfloat16 on disk
+    activation_batch_size: int = 8
+
+
+@dataclass
+class SAEConfig:
+    """The top-k SAE grid. List-valued fields are swept inside one vectorised job; a scalar is a grid of one,
+    which is what a Hydra multirun (``-m sae.n_latents=5,10,15``) gives each job."""
+
+    n_latents: Any = field(default_factory=lambda: [5, 10, 15, 20, 25, 30, 35, 40, 45, 50])
+    k: Any = 3
+    seeds: Any = 0
+    batch_size: int = 512
+    max_epochs: int = 300
+    patience: int = 10
+    val_fraction: float = 0.1
+    lr_scale: float = 2e-4  # lr = lr_scale / sqrt(n_latents / 2**14)  (METHOD.md)
+    baselines: bool = True
+
+
+@dataclass
+class JudgeConfig:
+    """Who labels latents and scores the taxonomy."""
+
+    backend: str = "offline"  # offline | openai | hf
+    model: Optional[str] = None
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    n_repeats: int = 1
+    n_member_sentences: int = 200
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    max_concurrency: int = 8
+
+
+@dataclass
+class SteeringConfig:
+    layer: Optional[int] = None  # default: model.steering_layer
+    lr: float = 1e-2
+    max_epochs: int = 50
+    patience: int = 5
+    batch_size: int = 16
+    n_examples: int = 256  # per behavior, before the validation split
+    val_fraction: float = 0.2
+    max_norm: Optional[float] = None
+    objective: str = "ce"  # ce | kl
+
+
+@dataclass
+class HybridConfig:
+    granularity: str = "sentence"  # sentence | token
+    threshold: float = 0.0  # SAE activation below which nothing is steered
+    coefficient: float = 1.0
+    candidate_mode: bool = False
+    coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+    unsteered_candidate: bool = True
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    retokenize_text: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sae-reasoning"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    sae: SAEConfig = MISSING
+    judge: JudgeConfig = MISSING
+    steering: SteeringConfig = MISSING
+    hybrid: HybridConfig = MISSING
+    wandb: WandbConfig = MISSING
+    seed: int = 0
+    cache_dir: str = ".cache/sae_reasoning"  # activation cache, shared by fingerprint across runs
+    train_dir: Optional[str] = None  # steer.py / eval.py: the train.py run folder to read
+    steer_dir: Optional[str] = None  # eval.py: the steer.py run folder to read
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas so that `conf/*.yaml` are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("sae", SAEConfig),
+        ("judge", JudgeConfig),
+        ("steering", SteeringConfig),
+        ("hybrid", HybridConfig),
+        ("wandb", WandbConfig),
+    ]:
+        cs.store(group=group, name=f"schema_{group}", node=node)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def as_int_list(value: Any, name: str) -> list[int]:
+    """A scalar or a list of ints (Hydra gives a scalar per multirun job, a list for an in-job sweep)."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{name}={value!r}: expected an integer or a list of integers, e.g. {name}=[5,10]")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{name} is empty: give at least one value")
+    return out
+
+
+def _positive(value: Any, name: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if (value < 0) if allow_zero else (value <= 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value}: must be {bound}")
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _layer(value: int, name: str, n_layers: int) -> None:
+    if not 0 <= value < n_layers:
+        raise ConfigError(f"{name}={value}: the model has {n_layers} layers, so a layer must be in 0..{n_layers - 1}")
+
+
+def resolve_path(path: str) -> Optional[Path]:
+    """A local path, tried relative to the working directory, then to the repository root; None if absent."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p.resolve()
+    if not p.is_absolute() and (REPO_ROOT / p).exists():
+        return (REPO_ROOT / p).resolve()
+    return None
+
+
+def is_local_path(path: str) -> bool:
+    """A model or data source that names a folder or file rather than a hub id."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+def validate(cfg: Any) -> None:
+    """Check values that OmegaConf's types cannot; raise ConfigError with one actionable line."""
+    m = cfg.model
+    _positive(m.n_layers, "model.n_layers")
+    for layer in m.sae_layers:
+        _layer(layer, "model.sae_layers", m.n_layers)
+    if not list(m.sae_layers):
+        raise ConfigError("model.sae_layers is empty: give at least one layer, e.g. model.sae_layers=[4]")
+    _layer(m.steering_layer, "model.steering_layer", m.base_n_layers or m.n_layers)
+    _choice(m.dtype, "model.dtype", DTYPES)
+    if not (m.device in ("auto", "cpu", "cuda", "mps") or m.device.startswith("cuda:")):
+        raise ConfigError(f"model.device={m.device!r}: choose auto, cpu, cuda, cuda:N or mps")
+
+    d = cfg.data
+    _choice(d.name, "data.name", ("organism", "gsm8k", "math500", "mmlu_pro"))
+    _positive(d.limit, "data.limit")
+    _positive(d.max_new_tokens, "data.max_new_tokens")
+    _positive(d.temperature, "data.temperature", allow_zero=True)
+    if not 0 < d.top_p <= 1:
+        raise ConfigError(f"data.top_p={d.top_p}: must be in (0, 1]")
+    _positive(d.batch_size, "data.batch_size")
+    _positive(d.activation_batch_size, "data.activation_batch_size")
+    _positive(d.min_words, "data.min_words", allow_zero=True)
+    _choice(d.backend, "data.backend", ("hf", "vllm"))
+    _choice(d.activation_dtype, "data.activation_dtype", ("float32", "float16", "bfloat16"))
+
+    s = cfg.sae
+    sizes = as_int_list(s.n_latents, "sae.n_latents")
+    ks = as_int_list(s.k, "sae.k")
+    as_int_list(s.seeds, "sae.seeds")
+    for n in sizes:
+        _positive(n, "sae.n_latents")
+    for k in ks:
+        _positive(k, "sae.k")
+        if k > min(sizes):
+            raise ConfigError(f"sae.k={k} is larger than sae.n_latents={min(sizes)}: k must be <= every n_latents")
+    _positive(s.batch_size, "sae.batch_size")
+    _positive(s.max_epochs, "sae.max_epochs")
+    _positive(s.patience, "sae.patience")
+    _positive(s.lr_scale, "sae.lr_scale")
+    if not 0 < s.val_fraction < 1:
+        raise ConfigError(f"sae.val_fraction={s.val_fraction}: must be in (0, 1)")
+
+    j = cfg.judge
+    _choice(j.backend, "judge.backend", ("offline", "openai", "hf"))
+    if j.backend in ("openai", "hf") and not j.model:
+        raise ConfigError(f"judge.backend={j.backend} needs judge.model (e.g. judge.model=gpt-4o-mini)")
+    for name in ("n_repeats", "n_member_sentences", "timeout_s", "max_concurrency"):
+        _positive(getattr(j, name), f"judge.{name}")
+    _positive(j.max_retries, "judge.max_retries", allow_zero=True)
+
+    st = cfg.steering
+    if st.layer is not None:
+        _layer(st.layer, "steering.layer", m.base_n_layers or m.n_layers)
+    for name in ("lr", "max_epochs", "patience", "batch_size", "n_examples", "max_norm"):
+        _positive(getattr(st, name), f"steering.{name}")
+    if not 0 < st.val_fraction < 1:
+        raise ConfigError(f"steering.val_fraction={st.val_fraction}: must be in (0, 1)")
+    _choice(st.objective, "steering.objective", ("ce", "kl"))
+
+    h = cfg.hybrid
+    _choice(h.granularity, "hybrid.granularity", ("sentence", "token"))
+    _positive(h.threshold, "hybrid.threshold", allow_zero=True)
+    _positive(h.max_new_tokens, "hybrid.max_new_tokens")
+    _positive(h.batch_size, "hybrid.batch_size")
+    if h.candidate_mode and not list(h.coefficients):
+        raise ConfigError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
+
+    _choice(cfg.wandb.mode, "wandb.mode", ("offline", "online", "disabled"))
+    # Files last: a missing file is the likeliest message to hide the others.
+    for role in ("thinking", "base"):
+        path = getattr(m, role).path
+        if is_local_path(path) and resolve_path(path) is None:
+            raise ConfigError(f"model.{role}.path={path!r}: no such folder; point it at a local model or use a hub id")
+    if d.source != "generated" and is_local_path(d.source) and resolve_path(d.source) is None:
+        raise ConfigError(f"data.source={d.source!r}: no such file; give a local JSONL path or a hub id")
+    for name in ("train_dir", "steer_dir"):
+        path = getattr(cfg, name)
+        if path is not None and resolve_path(path) is None:
+            raise ConfigError(f"{name}={path!r}: no such folder; point it at a finished run folder")
