@@ -61,7 +61,8 @@ class DataConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 16
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # hf | vllm (GPU, optional extra)
+    tensor_parallel_size: int = 1  # vllm only
     # sentences and activations
     min_words: int = 3
     activation_dtype: str = "float32"  # float32 | float16 | bfloat16 on disk
@@ -235,6 +236,7 @@ def validate(cfg: Any) -> None:
     if not 0 < d.top_p <= 1:
         raise ConfigError(f"data.top_p={d.top_p}: must be in (0, 1]")
     _positive(d.batch_size, "data.batch_size")
+    _positive(d.tensor_parallel_size, "data.tensor_parallel_size")
     _positive(d.activation_batch_size, "data.activation_batch_size")
     _positive(d.min_words, "data.min_words", allow_zero=True)
     _choice(d.backend, "data.backend", ("hf", "vllm"))

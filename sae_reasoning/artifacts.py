@@ -1,0 +1,110 @@
+"""Run folders, fingerprints and atomic writes.
+
+An artifact is a folder of data files plus a `meta.json`. Every file is written under a temporary name and renamed,
+so a crash never leaves a half-written file that looks complete; a folder counts as complete only once its
+`meta.json` exists (written last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+META = "meta.json"
+_VERSIONED = ("torch", "transformers", "sae-lens", "transformer-lens", "tokenizers", "safetensors", "hydra-core")
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """A stable short hash of any JSON-able object (keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_fingerprint(path: str | Path, content_limit: int = 64 << 20) -> str:
+    """Content hash for small files; size + mtime for large ones (hashing a 60 GB checkpoint is not worth it)."""
+    p = Path(path)
+    st = p.stat()
+    if st.st_size <= content_limit:
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a model folder: every file's name and content (or size/mtime when huge)."""
+    p = Path(path)
+    return fingerprint({f.relative_to(p).as_posix(): file_fingerprint(f) for f in sorted(p.rglob("*")) if f.is_file()})
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; it appears at `path` only if the block finishes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / META).exists()
+
+
+def write_meta(folder: str | Path, **fields: Any) -> None:
+    """Mark a folder complete: its config, input fingerprints, library versions. Always the last write."""
+    atomic_write_json(Path(folder) / META, {**fields, "versions": library_versions()})
+
+
+def read_meta(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / META).read_text())

@@ -1,0 +1,106 @@
+"""Sentence activations equal an independent computation (HF output_hidden_states, mean by hand)."""
+
+import pytest
+import torch
+
+from sae_reasoning.activations import ActivationStore, extract_activations, resid_post
+from sae_reasoning.errors import DataError
+from sae_reasoning.models import load_model
+
+TEXTS = [
+    "Once upon a time, there was a girl. Wait, let me check. She had a ball; it was red. Wait, let me check. The end",
+    "Tom ran to the park.\nHe saw a dog!\n\nThe dog was big. Was it happy? Yes, it was 3.5 times happier.",
+    "Lily smiled. She said hi to her mom and dad. Wait, let me check. They went home together",
+]
+
+
+def make_traces():
+    return [{"id": f"t{i}", "prompt": f"user: story {i}\nassistant: <think>\n", "completion": text + "\n</think>\nDone."}
+            for i, text in enumerate(TEXTS)]
+
+
+def independent_means(lm, trace, sentences, layer):
+    """Mean of HF hidden_states[layer + 1] over the tokens whose characters fall inside each sentence span."""
+    text = trace["prompt"] + trace["completion"]
+    enc = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    with torch.no_grad():
+        hs = lm.model(torch.tensor([enc["input_ids"]]), output_hidden_states=True).hidden_states[layer + 1][0]
+    out = []
+    for s in sentences:
+        # a token belongs to the sentence holding its first visible character (" Wait" starts on the space);
+        # a whitespace-only token belongs to the sentence its start is inside ("was ▁ 3.5")
+        anchor = [a if text[a:b].isspace() else a + len(text[a:b]) - len(text[a:b].lstrip())
+                  for a, b in enc["offset_mapping"]]
+        rows = [t for t, (a, b) in enumerate(enc["offset_mapping"])
+                if b > a and s["char_start"] <= anchor[t] < s["char_end"]]
+        out.append(hs[rows].mean(0))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    return load_model(str(stories_path), dtype="float32", device="cpu")
+
+
+def test_activations_match_hidden_states(stories, tmp_path):
+    traces = make_traces()
+    layers = [0, 2, 3]
+    folder = extract_activations(stories, traces, layers, tmp_path / "acts", batch_size=2, min_words=2,
+                                 progress=False)
+    store = ActivationStore(folder)
+    index = store.index()
+    assert store.meta["n_sentences"] == len(index) > 10
+    # the repeated sentence keeps its own position: three "Wait, let me check." at three different spans
+    waits = [(r["trace_id"], r["char_start"]) for r in index if r["text"] == "Wait, let me check."]
+    assert len(waits) == 3 and len(set(waits)) == 3
+    for r in index:  # spans slice back to the text, inside the thinking part
+        trace = traces[int(r["trace_id"][1:])]
+        text = trace["prompt"] + trace["completion"]
+        assert text[r["char_start"]: r["char_end"]] == r["text"]
+        assert len(trace["prompt"]) <= r["char_start"] and r["char_end"] <= text.index("</think>")
+    for layer in layers:
+        got = store.load(layer)
+        want = torch.cat([independent_means(stories, t, [r for r in index if r["trace_id"] == t["id"]], layer)
+                          for t in traces])
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
+
+
+def test_forward_stops_at_the_deepest_layer(stories):
+    calls = []
+    handle = stories.model.model.layers[4].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ids = torch.tensor([[1, 400, 300, 200]])
+        out = resid_post(stories, ids, torch.ones_like(ids), [1, 2])
+    finally:
+        handle.remove()
+    assert sorted(out) == [1, 2] and not calls
+
+
+def test_half_precision_storage_and_resume(stories, tmp_path):
+    traces = make_traces()
+    full = extract_activations(stories, traces, [1], tmp_path / "a", batch_size=1, min_words=2, dtype="bfloat16",
+                               progress=False)
+    # simulate a crash after the first batch: drop later shards and the completion marker, then rerun
+    part = tmp_path / "b"
+    extract_activations(stories, traces[:1], [1], part, batch_size=1, min_words=2, dtype="bfloat16", progress=False)
+    (part / "meta.json").unlink()
+    extract_activations(stories, traces, [1], part, batch_size=1, min_words=2, dtype="bfloat16", progress=False)
+    a, b = ActivationStore(full), ActivationStore(part)
+    assert a.index() == b.index() and torch.equal(a.load(1), b.load(1))
+    assert a.meta["dtype"] == "bfloat16"
+    ref = ActivationStore(extract_activations(stories, traces, [1], tmp_path / "c", batch_size=1, min_words=2,
+                                              progress=False)).load(1)
+    assert torch.allclose(a.load(1), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bad_inputs(stories, tmp_path):
+    with pytest.raises(DataError, match="layers \\[7\\] do not exist"):
+        extract_activations(stories, make_traces(), [7], tmp_path / "x", progress=False)
+    empty = [{"id": "e", "prompt": "<think>\n", "completion": "   \n"}]
+    with pytest.raises(DataError, match="no sentence was found"):
+        extract_activations(stories, empty, [0], tmp_path / "y", progress=False)
+    assert not (tmp_path / "y" / "meta.json").exists()
+    long = [{"id": "long", "prompt": "<think>\n", "completion": "A cat sat. " * 300}]
+    with pytest.raises(DataError, match="more than the model's context"):
+        extract_activations(stories, long, [0], tmp_path / "z", progress=False)
