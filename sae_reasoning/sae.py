@@ -1,0 +1,688 @@
+"""The top-k SAE of METHOD.md step 4, used as a clusterer of sentence vectors, and its vectorised grid trainer.
+
+Model (one SAE, `TopKSAE`, the plain reference written the obvious way):
+
+    x_n   = (x - norm_mean) / ||x - norm_mean||          normalisation owned by the SAE; callers pass RAW x
+    pre   = (x_n - b_dec) @ W_enc + b_enc                 [n, n_latents]
+    z     = pre on its top-k entries, 0 elsewhere         exactly k entries, NO ReLU: values may be negative
+    x_hat = z @ W_dec + b_dec                             [n, d_in], W_dec rows have unit norm
+
+- `decode` and `forward` return reconstructions of the NORMALISED vector x_n (the per-sample scale is not kept,
+  so the raw vector cannot be recovered); FVU is always measured against x_n:
+  FVU = sum ||x_n - x_hat||^2 / sum ||x_n - mean(x_n)||^2 over the rows of a split (metrics: train / val).
+  The training loss of a batch is its share of the train-split FVU: sum over the batch of ||x_n - x_hat||^2
+  divided by (batch size x the train split's per-vector variance), well defined for any batch size.
+- A sentence's behavior is `argmax(pre)`, i.e. the largest of its k kept values; ties go to the lowest latent
+  index (torch.argmax returns the first maximum). It is computed from `pre`, not from the dense `z`, because a
+  dense argmax would pick an off-support zero when all k kept values are negative.
+- Layouts follow sae-lens (W_enc `[d_in, n_latents]`, W_dec `[n_latents, d_in]`), so the same ops in the same
+  order give the same bits in sae-lens.
+
+Grid trainer (`train_grid`): all SAEs of one layer (every n_latents x k x seed) are trained as one stack.
+Parameters are padded to the largest n_latents; padded latents get pre-activation -inf so they are never selected
+and never receive gradient, and their decoder rows stay zero. k may differ per SAE: the stack takes the top
+k_max and keeps the first k_s of them (topk is sorted). Adam is written out vectorised so that each SAE gets its
+own learning rate lr = base_lr / sqrt(n_latents / 2**14), with exactly torch.optim.Adam's arithmetic. Each SAE
+early-stops on its own validation FVU: it keeps its best parameters and is dropped from the stack.
+
+Determinism: an SAE's initial parameters depend only on (d_in, n_latents, seed); the train/val split and the batch
+order depend only on `data_seed` and are shared by every SAE of the grid, so an SAE trained alone sees exactly
+the batches it sees inside the grid.
+
+sae-lens compatibility (checked against sae-lens 6.54): see `save_sae` and `load_sae_lens`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sae_reasoning.cluster_metrics import assignment_metrics
+
+NORM_EPS = 1e-6  # floor on ||x - norm_mean|| so a vector equal to the mean maps to 0 instead of NaN
+SAE_LENS_CFG = "cfg.json"
+SAE_LENS_WEIGHTS = "sae_weights.safetensors"
+OUR_META = "sae_reasoning.json"
+OUR_TENSORS = "sae_reasoning.safetensors"  # norm_mean; kept out of sae_weights because sae-lens loads strictly
+NORMALISATION_DOC = (
+    "x_n = (x - norm_mean) / max(||x - norm_mean||_2, 1e-6), applied per vector before encode; norm_mean is in "
+    "sae_reasoning.safetensors. cfg.json says architecture 'topk' (top-k then ReLU); our SAE keeps the k values "
+    "without ReLU: sae_reasoning.sae.load_sae_lens(dir) loads it with the signed top-k swapped in."
+)
+
+
+def hook_name(layer: int) -> str:
+    """TransformerLens name of the residual stream output of block `layer` (== HF hidden_states[layer + 1])."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def normalise(x: Tensor, norm_mean: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """Raw vectors `[..., d_in]` (any float dtype) -> centred, unit-L2-norm float32 vectors."""
+    x_c = x.float() - norm_mean.float()
+    return x_c / x_c.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def lr_for(n_latents: int, base_lr: float = 2e-4, ref_latents: int = 2**14) -> float:
+    """The paper's size-scaled learning rate: base_lr / sqrt(n_latents / 2**14)."""
+    return base_lr / math.sqrt(n_latents / ref_latents)
+
+
+def init_params(d_in: int, n_latents: int, seed: int) -> dict[str, Tensor]:
+    """Initial parameters of one SAE, a function of (d_in, n_latents, seed) only.
+
+    W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify); W_dec = W_enc.T with unit rows;
+    biases zero (the inputs are centred already).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W_enc = (torch.rand(d_in, n_latents, generator=gen) * 2 - 1) / math.sqrt(d_in)  # [d_in, L]
+    W_dec = W_enc.T.clone()
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)  # [L, d_in]
+    return {"W_enc": W_enc, "b_enc": torch.zeros(n_latents), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference SAE
+
+
+class TopKSAE(nn.Module):
+    """One top-k SAE with its input normalisation. The plain reference the grid trainer is tested against."""
+
+    def __init__(self, d_in: int, n_latents: int, k: int = 3):
+        super().__init__()
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"need 1 <= k <= n_latents, got k={k}, n_latents={n_latents}")
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.W_enc = nn.Parameter(torch.zeros(d_in, n_latents))  # [d_in, L]
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))  # [L]
+        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in))  # [L, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(d_in))  # [d_in]
+        self.register_buffer("norm_mean", torch.zeros(d_in))  # [d_in]
+
+    @classmethod
+    def from_init(cls, d_in: int, n_latents: int, k: int = 3, seed: int = 0, norm_mean: Tensor | None = None):
+        sae = cls(d_in, n_latents, k)
+        sae.load_params(init_params(d_in, n_latents, seed), norm_mean)
+        return sae
+
+    @torch.no_grad()
+    def load_params(self, params: Mapping[str, Tensor], norm_mean: Tensor | None = None) -> "TopKSAE":
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(self, name).copy_(params[name])
+        if norm_mean is not None:
+            self.norm_mean.copy_(norm_mean)
+        return self
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return normalise(x, self.norm_mean)
+
+    def pre_acts(self, x_n: Tensor) -> Tensor:
+        """Normalised `[n, d_in]` -> encoder pre-activations `[n, L]` (same ops as sae-lens' TopKSAE.encode)."""
+        return (x_n - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        pre = self.pre_acts(x_n)
+        vals, idx = pre.topk(self.k, dim=-1)  # [n, k]
+        return torch.zeros_like(pre).scatter(-1, idx, vals)  # [n, L], no ReLU
+
+    def encode(self, x: Tensor) -> Tensor:
+        """RAW vectors `[n, d_in]` -> dense codes `[n, L]`: the top-k values per row, zeros elsewhere."""
+        return self.encode_normalised(self.normalise(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Codes `[n, L]` -> reconstruction of the NORMALISED input `[n, d_in]`."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def behavior(self, x: Tensor) -> Tensor:
+        """RAW vectors -> argmax latent `[n]` (int64); ties to the lowest index."""
+        return self.pre_acts(self.normalise(x)).argmax(-1)
+
+    @torch.no_grad()
+    def fvu(self, x: Tensor) -> float:
+        """Fraction of variance of the normalised vectors left unexplained (one batch, its own mean)."""
+        x_n = self.normalise(x)
+        err = (self.decode(self.encode_normalised(x_n)) - x_n).pow(2).sum()
+        return float(err / (x_n - x_n.mean(0)).pow(2).sum())
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class SignedTopK(nn.Module):
+    """Top-k without ReLU, a drop-in for sae-lens' `TopK` activation (which applies ReLU to the kept values)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        vals, idx = x.topk(self.k, dim=-1)
+        return torch.zeros_like(x).scatter(-1, idx, vals)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stacked (grid) SAE
+
+
+@dataclass
+class _Stack:
+    """S SAEs of one layer, padded to L = max n_latents. Shapes: W_enc [S, d, L], b_enc [S, L], W_dec [S, L, d],
+    b_dec [S, d], latent_mask [S, L] (False on padding), k [S], lr [S]."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    latent_mask: Tensor
+    k: Tensor
+    lr: Tensor
+
+    PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    @classmethod
+    def build(cls, params: Sequence[Mapping[str, Tensor]], ks: Sequence[int], lrs: Sequence[float], device):
+        S, d = len(params), params[0]["W_enc"].shape[0]
+        ns = [p["W_enc"].shape[1] for p in params]
+        L = max(ns)
+        st = cls(
+            W_enc=torch.zeros(S, d, L),
+            b_enc=torch.zeros(S, L),
+            W_dec=torch.zeros(S, L, d),
+            b_dec=torch.zeros(S, d),
+            latent_mask=torch.zeros(S, L, dtype=torch.bool),
+            k=torch.tensor(list(ks)),
+            lr=torch.tensor(list(lrs), dtype=torch.float32),
+        )
+        for s, (p, n) in enumerate(zip(params, ns)):
+            st.W_enc[s, :, :n], st.b_enc[s, :n] = p["W_enc"], p["b_enc"]
+            st.W_dec[s, :n], st.b_dec[s] = p["W_dec"], p["b_dec"]
+            st.latent_mask[s, :n] = True
+        return st.to(device)
+
+    def to(self, device) -> "_Stack":
+        return _Stack(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+
+    def params(self) -> list[Tensor]:
+        return [getattr(self, p) for p in self.PARAMS]
+
+    def select(self, keep: Tensor) -> "_Stack":
+        """Keep SAEs `keep` (indices into S) and trim the padding to their largest n_latents."""
+        L = int(self.latent_mask[keep].sum(1).max())
+        return _Stack(
+            W_enc=self.W_enc[keep, :, :L],
+            b_enc=self.b_enc[keep, :L],
+            W_dec=self.W_dec[keep, :L],
+            b_dec=self.b_dec[keep],
+            latent_mask=self.latent_mask[keep, :L],
+            k=self.k[keep],
+            lr=self.lr[keep],
+        )
+
+    def unstack(self, s: int) -> dict[str, Tensor]:
+        n = int(self.latent_mask[s].sum())
+        sliced = {"W_enc": self.W_enc[s, :, :n], "b_enc": self.b_enc[s, :n], "W_dec": self.W_dec[s, :n]}
+        return {name: t.detach().to("cpu", copy=True) for name, t in {**sliced, "b_dec": self.b_dec[s]}.items()}
+
+    def forward(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised `[B, d]` -> (reconstructions `[S, B, d]`, pre-activations `[S, B, L]`, -inf on padding)."""
+        pre = torch.bmm(x_n.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc) + self.b_enc.unsqueeze(1)
+        pre = pre.masked_fill(~self.latent_mask.unsqueeze(1), -math.inf)
+        k_max = int(self.k.max())
+        vals, idx = pre.topk(k_max, dim=-1)  # [S, B, k_max], sorted: the first k_s are SAE s's top k_s
+        keep = torch.arange(k_max, device=pre.device) < self.k.view(-1, 1, 1)  # [S, 1, k_max]
+        z = torch.zeros_like(pre).scatter(-1, idx, torch.where(keep, vals, 0.0))  # where, not *, as vals has -inf
+        return torch.bmm(z, self.W_dec) + self.b_dec.unsqueeze(1), pre
+
+
+class _Adam:
+    """torch.optim.Adam's update (same formula and op order), vectorised over a stack with a per-SAE lr."""
+
+    def __init__(self, params: Sequence[Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def select(self, keep: Tensor, trimmed: Sequence[Tensor]) -> None:
+        # slice each state like the parameter it belongs to (same leading S, trimmed latent dims)
+        def cut(state: Tensor, p: Tensor) -> Tensor:
+            return state[keep][(slice(None), *(slice(0, n) for n in p.shape[1:]))].clone()
+
+        self.m = [cut(m, p) for m, p in zip(self.m, trimmed)]
+        self.v = [cut(v, p) for v, p in zip(self.v, trimmed)]
+
+    @torch.no_grad()
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], lr: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        bc1, bc2_sqrt = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        for p, g, m, v in zip(params, grads, self.m, self.v):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            step_size = (lr / bc1).view(-1, *[1] * (p.dim() - 1))
+            p.sub_(step_size * (m / denom))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data access: tensors (any float dtype, CPU or device) or numpy arrays / memmaps, read one batch at a time
+
+
+Data = Tensor | np.ndarray
+
+
+def read_rows(x: Data, idx: Tensor, device) -> Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.asarray(x[idx.cpu().numpy()])).to(device=device, dtype=torch.float32)
+    return x[idx.to(x.device)].to(device=device, dtype=torch.float32)
+
+
+def _chunks(idx: Tensor, size: int):
+    for i in range(0, len(idx), size):
+        yield idx[i : i + size]
+
+
+def mean_rows(x: Data, idx: Tensor, device, chunk: int = 8192) -> Tensor:
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    for batch in _chunks(idx, chunk):
+        total += read_rows(x, batch, device).double().sum(0)
+    return (total / len(idx)).float()
+
+
+def split_indices(n: int, val_frac: float, data_seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded (train, val) row indices, each sorted. The same for every layer of a grid (same rows)."""
+    n_val = int(round(n * val_frac))
+    if not 0 < n_val < n:
+        raise ValueError(f"val_frac={val_frac} leaves {n_val} of {n} vectors for validation; need 0 < n_val < n")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grid training
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    layer: int
+    n_latents: int
+    k: int = 3
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"layer{self.layer}_n{self.n_latents}_k{self.k}_seed{self.seed}"
+
+
+@dataclass
+class GridConfig:
+    n_latents: tuple[int, ...] = tuple(range(5, 55, 5))
+    ks: tuple[int, ...] = (3,)
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 512
+    max_epochs: int = 300
+    patience: int = 10  # epochs without a val-FVU improvement > min_delta before an SAE stops
+    min_delta: float = 0.0
+    val_frac: float = 0.1
+    data_seed: int = 0  # split + batch order, shared by all SAEs
+    base_lr: float = 2e-4
+    lr_ref_latents: int = 2**14
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    device: str = "cpu"
+    eval_elements: int = 2**25  # rows per eval chunk = eval_elements // (S * d_in): bounds eval memory
+    progress: bool = True
+
+    def specs(self, layers: Sequence[int]) -> list[SAESpec]:
+        return [SAESpec(l, n, k, s) for l in layers for n in self.n_latents for k in self.ks for s in self.seeds]
+
+
+@dataclass
+class TrainedSAE:
+    spec: SAESpec
+    sae: TopKSAE  # best-val-FVU parameters, on CPU
+    metrics: dict[str, Any]
+    history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: train_fvu (batch mean), val_fvu
+
+
+@torch.no_grad()
+def _total_variance(x: Data, idx: Tensor, norm_mean: Tensor, device, chunk: int = 8192) -> float:
+    """sum_i ||x_n,i - mean(x_n)||^2 over rows `idx` (float64): the FVU denominator of a split."""
+    sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in _chunks(idx, chunk):
+        x_n = normalise(read_rows(x, batch, device), norm_mean).double()
+        sum_x += x_n.sum(0)
+        sum_sq += x_n.pow(2).sum()
+    return float(sum_sq - sum_x.pow(2).sum() / len(idx))
+
+
+@torch.no_grad()
+def _stack_fvu(stack: _Stack, x: Data, idx: Tensor, norm_mean: Tensor, cfg: GridConfig) -> Tensor:
+    """Exact FVU `[S]` of every SAE of the stack over rows `idx` (denominator: the rows' own mean)."""
+    device = stack.W_enc.device
+    S, d = stack.W_enc.shape[0], stack.W_enc.shape[1]
+    chunk = max(64, cfg.eval_elements // (S * d))
+    err = torch.zeros(S, dtype=torch.float64, device=device)
+    for batch in _chunks(idx, chunk):
+        x_n = normalise(read_rows(x, batch, device), norm_mean)
+        x_hat, _ = stack.forward(x_n)
+        err += (x_hat - x_n).pow(2).sum((1, 2)).double()
+    return (err / _total_variance(x, idx, norm_mean, device, chunk)).float()
+
+
+def _train_layer(
+    x: Data, specs: list[SAESpec], cfg: GridConfig, train_idx: Tensor, val_idx: Tensor, desc: str
+) -> tuple[list[dict[str, Tensor]], Tensor, list[dict[str, Any]], list[dict[str, list[float]]]]:
+    """Train the SAEs `specs` (one layer) as one stack. Returns best params, norm_mean, stats, histories."""
+    device = torch.device(cfg.device)
+    if isinstance(x, Tensor):
+        x = x.to(device)  # keep the storage dtype; batches are cast to float32
+    d_in = x.shape[1]
+    norm_mean = mean_rows(x, train_idx, device)
+    # Per-vector variance of the train split: batch loss = sum err / (B * var) is the batch's share of the
+    # train-split FVU, so the loss is defined for any batch (a last batch of 1 has no variance of its own).
+    var_per_vector = _total_variance(x, train_idx, norm_mean, device) / len(train_idx)
+    S = len(specs)
+    for sp in specs:
+        if not 1 <= sp.k <= sp.n_latents:
+            raise ValueError(f"{sp.name}: need 1 <= k <= n_latents")
+
+    stack = _Stack.build(
+        [init_params(d_in, sp.n_latents, sp.seed) for sp in specs],
+        [sp.k for sp in specs],
+        [lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents) for sp in specs],
+        device,
+    )
+    for p in stack.params():
+        p.requires_grad_(True)
+    adam = _Adam(stack.params(), cfg.betas, cfg.adam_eps)
+    active = torch.arange(S)  # position in the stack -> index into specs
+
+    best_val = [math.inf] * S
+    best_params: list[dict[str, Tensor]] = [stack.unstack(s) for s in range(S)]
+    stats = [{"epochs": 0, "best_epoch": 0, "stopped_early": False} for _ in range(S)]
+    histories: list[dict[str, list[float]]] = [{"train_fvu": [], "val_fvu": []} for _ in range(S)]
+    bad_epochs = [0] * S
+    shuffle_gen = torch.Generator().manual_seed(cfg.data_seed + 1)
+
+    bar = tqdm(range(cfg.max_epochs), desc=desc, disable=not cfg.progress, leave=False)
+    for epoch in bar:
+        perm = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen)]
+        train_sum, n_batches = torch.zeros(len(active), device=device), 0
+        for batch in _chunks(perm, cfg.batch_size):
+            x_n = normalise(read_rows(x, batch, device), norm_mean)  # [B, d]
+            x_hat, _ = stack.forward(x_n)  # [S, B, d]
+            fvu = (x_hat - x_n).pow(2).sum((1, 2)) / (len(batch) * var_per_vector)  # [S]
+            # sum over SAEs: parameters are disjoint, so each SAE gets the gradient of its own FVU
+            grads = torch.autograd.grad(fvu.sum(), stack.params())
+            adam.step(stack.params(), grads, stack.lr)
+            with torch.no_grad():
+                stack.W_dec /= stack.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows stay 0
+            train_sum += fvu.detach()
+            n_batches += 1
+
+        val = _stack_fvu(stack, x, val_idx, norm_mean, cfg).tolist()
+        train_mean = (train_sum / n_batches).tolist()
+        stop = []
+        for pos, s in enumerate(active.tolist()):
+            histories[s]["train_fvu"].append(train_mean[pos])
+            histories[s]["val_fvu"].append(val[pos])
+            stats[s]["epochs"] = epoch + 1
+            if val[pos] < best_val[s] - cfg.min_delta:
+                best_val[s], bad_epochs[s] = val[pos], 0
+                best_params[s] = stack.unstack(pos)
+                stats[s]["best_epoch"] = epoch + 1
+            else:
+                bad_epochs[s] += 1
+                if bad_epochs[s] >= cfg.patience:
+                    stats[s]["stopped_early"] = True
+                    stop.append(pos)
+        bar.set_postfix(active=len(active) - len(stop), best_val_fvu=f"{min(best_val):.4f}")
+        if stop:  # drop stopped SAEs from the stack: they keep their best params and cost nothing more
+            keep = torch.tensor([p for p in range(len(active)) if p not in stop], dtype=torch.long)
+            if len(keep) == 0:
+                break
+            active = active[keep]
+            keep_d = keep.to(device)
+            stack = stack.select(keep_d)
+            stack = _Stack(**{f: getattr(stack, f).detach().clone() for f in stack.__dataclass_fields__})
+            for p in stack.params():
+                p.requires_grad_(True)
+            adam.select(keep_d, stack.params())
+    bar.close()
+    return best_params, norm_mean.cpu(), stats, histories
+
+
+@torch.no_grad()
+def sae_metrics(sae: TopKSAE, x: Tensor, labels: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Metrics of one SAE on RAW vectors `x` (in practice the validation split).
+
+    - `fvu`; `l0`: measured mean number of non-zero codes (k, unless a kept value is exactly 0).
+    - `dead_latents`: latents never among the top k; `cluster_sizes` / `cluster_freq` / `n_empty`: of the argmax
+      assignment (a latent that is active but never the argmax is an empty cluster, not a dead latent).
+    - with labels: `nmi`, `best_f1` per label, `min_f1`, `mean_f1` (see cluster_metrics.label_metrics).
+    """
+    x_n = sae.normalise(x)
+    z = sae.encode_normalised(x_n)
+    x_hat = sae.decode(z)
+    active = (z != 0).any(0)
+    out = {
+        "fvu": float((x_hat - x_n).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()),
+        "l0": float((z != 0).float().sum(-1).mean()),
+        "dead_latents": int((~active).sum()),
+        "active_freq": (z != 0).float().mean(0).tolist(),  # share of vectors with the latent in their top k
+    }
+    assign = sae.pre_acts(x_n).argmax(-1).cpu().numpy()
+    out.update(assignment_metrics(assign, sae.n_latents, labels))
+    return out
+
+
+def train_grid(
+    data: Mapping[int, Data],
+    cfg: GridConfig | None = None,
+    specs: Sequence[SAESpec] | None = None,
+    labels: Sequence[Any] | None = None,
+) -> list[TrainedSAE]:
+    """Train a grid of SAEs: one stack per layer, every (n_latents, k, seed) of `cfg` (or the given `specs`).
+
+    data: layer -> sentence vectors `[n, d_in]` (same rows, in the same order, for every layer); tensors of any
+      float dtype or numpy arrays / memmaps (read one batch at a time). labels: optional `[n]` ground truth
+      (e.g. planted behaviors); label metrics are computed on the validation split.
+    Returns one TrainedSAE per spec, in spec order. metrics: train_fvu / val_fvu (exact, best params), epochs,
+    best_epoch, stopped_early, lr, and `sae_metrics` on the validation split.
+    """
+    cfg = cfg or GridConfig()
+    specs = list(specs) if specs is not None else cfg.specs(sorted(data))
+    ns = {len(x) for x in data.values()}
+    if len(ns) != 1:
+        raise ValueError(f"all layers must hold the same rows; got row counts {sorted(ns)}")
+    n = ns.pop()
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries for {n} vectors")
+    train_idx, val_idx = split_indices(n, cfg.val_frac, cfg.data_seed)
+
+    results: dict[SAESpec, TrainedSAE] = {}
+    for layer in sorted({sp.layer for sp in specs}):
+        if layer not in data:
+            raise KeyError(f"no vectors for layer {layer}; have layers {sorted(data)}")
+        layer_specs = [sp for sp in specs if sp.layer == layer]
+        x = data[layer]
+        params, norm_mean, stats, hists = _train_layer(x, layer_specs, cfg, train_idx, val_idx, f"layer {layer}")
+        saes = [
+            TopKSAE(x.shape[1], sp.n_latents, sp.k).load_params(p, norm_mean) for sp, p in zip(layer_specs, params)
+        ]
+        # exact FVUs of the best parameters, through the stack (one pass per split for the whole layer)
+        best = _Stack.build(params, [sp.k for sp in layer_specs], [0.0] * len(params), cfg.device)
+        train_fvu = _stack_fvu(best, x, train_idx, norm_mean.to(cfg.device), cfg).tolist()
+        val_fvu = _stack_fvu(best, x, val_idx, norm_mean.to(cfg.device), cfg).tolist()
+        x_val = read_rows(x, val_idx, cfg.device)
+        y_val = None if labels is None else np.asarray(labels)[val_idx.numpy()]
+        for i, (sp, sae) in enumerate(zip(layer_specs, saes)):
+            m = {
+                "train_fvu": train_fvu[i],
+                "val_fvu": val_fvu[i],
+                "lr": lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents),
+                **stats[i],
+                "val": sae_metrics(sae.to(cfg.device), x_val, y_val),
+            }
+            sae.cpu()
+            results[sp] = TrainedSAE(sp, sae, m, hists[i])
+    return [results[sp] for sp in specs]
+
+
+def train_sae(
+    x: Data,
+    n_latents: int,
+    k: int = 3,
+    seed: int = 0,
+    cfg: GridConfig | None = None,
+    layer: int = 0,
+    labels: Sequence[Any] | None = None,
+) -> TrainedSAE:
+    """One SAE alone: the grid with a single spec (identical arithmetic, same init and batches)."""
+    return train_grid({layer: x}, cfg, [SAESpec(layer, n_latents, k, seed)], labels)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: sae-lens format + our metadata
+
+
+def _sae_lens_version() -> str:
+    try:
+        return importlib_metadata.version("sae-lens")
+    except importlib_metadata.PackageNotFoundError:
+        return "6.54.12"  # any version >= 6.0 makes sae-lens read cfg.json as the v6 format
+
+
+def save_sae(
+    directory: str | os.PathLike,
+    sae: TopKSAE,
+    *,
+    layer: int | None = None,
+    model_name: str | None = None,
+    hook: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `directory` with:
+
+    - `cfg.json` + `sae_weights.safetensors` (W_enc, b_enc, W_dec, b_dec; float32): a sae-lens v6 "topk" SAE
+      (`normalize_activations="none"`, `apply_b_dec_to_input=True`, `rescale_acts_by_decoder_norm=False`) that
+      `sae_lens.SAE.load_from_disk(directory)` loads. Its metadata holds model_name, hook_name and a note
+      on our normalisation.
+    - `sae_reasoning.safetensors` (norm_mean) + `sae_reasoning.json` (k, sizes, layer, hook, model, metrics, extra).
+
+    Written to a temporary sibling and renamed, so a crash never leaves a complete-looking half checkpoint.
+    """
+    directory = Path(directory)
+    hook = hook or (hook_name(layer) if layer is not None else None)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg = {
+        "d_in": sae.d_in,
+        "d_sae": sae.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": _sae_lens_version(),
+            "sae_lens_training_version": _sae_lens_version(),
+            "model_name": model_name,
+            "hook_name": hook,
+            "sae_reasoning_normalisation": NORMALISATION_DOC,
+        },
+        "k": sae.k,
+        "rescale_acts_by_decoder_norm": False,
+        "architecture": "topk",
+    }
+    (tmp / SAE_LENS_CFG).write_text(json.dumps(cfg, indent=2))
+    weights = {n: getattr(sae, n).detach().float().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(weights, tmp / SAE_LENS_WEIGHTS)
+    save_file({"norm_mean": sae.norm_mean.detach().float().cpu().contiguous()}, tmp / OUR_TENSORS)
+    meta = {
+        "d_in": sae.d_in,
+        "n_latents": sae.n_latents,
+        "k": sae.k,
+        "layer": layer,
+        "hook_name": hook,
+        "model_name": model_name,
+        "normalisation": NORMALISATION_DOC,
+        "metrics": dict(metrics or {}),
+        **dict(extra or {}),
+    }
+    (tmp / OUR_META).write_text(json.dumps(meta, indent=2, default=_json_default))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (np.ndarray, Tensor)):
+        return o.tolist()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / OUR_META
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: {directory} is not a checkpoint written by sae_reasoning.save_sae")
+    return json.loads(path.read_text())
+
+
+def load_sae(directory: str | os.PathLike) -> TopKSAE:
+    """Our SAE (with its normalisation) from a `save_sae` directory."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    sae = TopKSAE(meta["d_in"], meta["n_latents"], meta["k"])
+    weights = load_file(directory / SAE_LENS_WEIGHTS)
+    return sae.load_params(weights, load_file(directory / OUR_TENSORS)["norm_mean"])
+
+
+def load_sae_lens(directory: str | os.PathLike, signed: bool = True):
+    """The checkpoint as a `sae_lens` SAE (loaded by `SAE.load_from_disk`).
+
+    sae-lens' "topk" applies ReLU to the kept values and has no per-vector normalisation. What matches:
+    - always: `sae_lens_sae.encode(normalise(x, norm_mean))` selects the same top-k latents as our
+      `encode(x)` and equals it wherever our value is > 0 (ours <= 0 become 0 in sae-lens); argmax agrees
+      wherever our largest kept value is > 0.
+    - with `signed=True` (default) the ReLU-free `SignedTopK` is swapped in as `activation_fn`, and encode and
+      decode equal ours exactly on normalised inputs.
+    Either way the caller must normalise first: no sae-lens option can express (x - mean) / ||x - mean||
+    (`constant_norm_rescale` scales by sqrt(d_in)/||x|| without centring, `layer_norm` centres over features).
+    """
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(directory))
+    if signed:
+        sae.activation_fn = SignedTopK(sae.cfg.k)
+    return sae
+
+
+def norm_mean_of(directory: str | os.PathLike) -> Tensor:
+    """norm_mean `[d_in]` of a checkpoint, for sae-lens users: x_n = normalise(x, norm_mean_of(dir))."""
+    return load_file(Path(directory) / OUR_TENSORS)["norm_mean"]
