@@ -97,9 +97,11 @@ def train(cfg: Any, run_dir: Path) -> None:
     tracker = tracking.start(cfg, run_dir, "train")
     try:
         store = sentence_activations(cfg, tracker)
+        from sae_reasoning.interpret_stage import interpret_grid
         from sae_reasoning.train_sae import train_grid_stage
 
-        train_grid_stage(cfg, store, run_dir, tracker)
+        records = train_grid_stage(cfg, store, run_dir, tracker)
+        interpret_grid(cfg, store, records, run_dir, tracker)
     finally:
         tracker.finish()
 

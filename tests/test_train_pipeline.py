@@ -53,6 +53,14 @@ def test_train_writes_a_grid_of_loadable_saes(setup):
     methods = {r["method"] for r in json.loads((run / "comparison.json").read_text())}
     assert {"sae_topk", "kmeans", "spherical_kmeans", "gmm", "pca_kmeans", "agglomerative"} <= methods
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B offline run files missing"
+    taxonomy = json.loads((run / "taxonomy.json").read_text())
+    names = [s["name"] for s in grid["saes"]]
+    assert taxonomy["chosen"] in names and len(taxonomy["results"]) == len(names)
+    best = max(taxonomy["results"], key=lambda r: r["metrics"]["score"])
+    assert best["name"] == taxonomy["chosen"]  # the documented score picks the taxonomy
+    chosen = taxonomy["taxonomy"]
+    assert sum(lat["count"] for lat in chosen["latents"]) > 0 and all(lat["title"] for lat in chosen["latents"]
+                                                                        if lat["count"])
 
 
 def test_multirun_reuses_the_activation_cache(setup):
