@@ -127,6 +127,21 @@ class HybridConfig:
 
 
 @dataclass
+class EvalConfig:
+    """eval.py: which methods run on which split, with what budget."""
+
+    methods: list[str] = field(default_factory=lambda: ["base", "thinking", "hybrid", "bias_only", "random_behavior",
+                                                        "random_vectors", "oracle", "unsteered_rerank"])
+    split: str = "test"  # overrides data.split for evaluation
+    limit: Optional[int] = None  # overrides data.limit (None: every question of the split)
+    max_new_tokens: Optional[int] = None  # per method; None: data.max_new_tokens (thinking: full budget)
+    batch_size: int = 32
+    n_bootstrap: int = 2000
+    num_shards: int = 1
+    shard_index: int = 0
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "sae-reasoning"
@@ -143,6 +158,7 @@ class Config:
     steering: SteeringConfig = MISSING
     hybrid: HybridConfig = MISSING
     wandb: WandbConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     cache_dir: str = ".cache/sae_reasoning"  # activation cache, shared by fingerprint across runs
     train_dir: Optional[str] = None  # steer.py / eval.py: the train.py run folder to read
@@ -283,6 +299,18 @@ def validate(cfg: Any) -> None:
     _positive(h.batch_size, "hybrid.batch_size")
     if h.candidate_mode and not list(h.coefficients):
         raise ConfigError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
+
+    e = cfg.eval
+    known = ("base", "thinking", "hybrid", "bias_only", "random_behavior", "random_vectors", "oracle",
+             "unsteered_rerank")
+    for method in e.methods:
+        _choice(method, "eval.methods", known)
+    if not list(e.methods):
+        raise ConfigError("eval.methods is empty: name at least one method, e.g. eval.methods=[base,thinking]")
+    for name in ("limit", "max_new_tokens", "batch_size", "n_bootstrap", "num_shards"):
+        _positive(getattr(e, name), f"eval.{name}")
+    if not 0 <= e.shard_index < e.num_shards:
+        raise ConfigError(f"eval.shard_index={e.shard_index}: must be in 0..{e.num_shards - 1}")
 
     _choice(cfg.wandb.mode, "wandb.mode", ("offline", "online", "disabled"))
     # Files last: a missing file is the likeliest message to hide the others.

@@ -136,3 +136,13 @@ def thinking_prompt(tokenizer: Any, question: str) -> str:
         raise ModelLoadError("the thinking model's tokenizer has no chat template; set one in tokenizer_config.json")
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                          tokenize=False)
+
+
+def base_model_prompt(tokenizer: Any, question: str) -> str:
+    """The base prompt as *text* carrying the special tokens the tokenizer would add itself (BOS for Llama and the
+    organism, nothing for Qwen2), so that every prompt can be tokenised with `add_special_tokens=False`."""
+    from sae_reasoning.prompts import base_prompt
+
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    return (tokenizer.bos_token if adds_bos else "") + base_prompt(question)

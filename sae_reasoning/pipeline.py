@@ -111,4 +111,53 @@ def steer(cfg: Any, run_dir: Path) -> None:
 
 
 def evaluate(cfg: Any, run_dir: Path) -> None:
-    raise UserError("eval.py: evaluation is not implemented yet (issue 9)")
+    """Base, thinking and hybrid (+ controls) on the evaluation split; graded, summarised, plotted, logged."""
+    from omegaconf import OmegaConf
+
+    from sae_reasoning.evaluate import (HYBRID_METHODS, format_summary, grade_records, plot_summary, run_sharded,
+                                        summarise, write_results)
+    from sae_reasoning.models import base_model_prompt, load_pair, thinking_prompt
+    from sae_reasoning.traces import generate_batch
+
+    e = cfg.eval
+    data_cfg = OmegaConf.merge(cfg.data, {"split": e.split, "limit": e.limit})
+    questions = load_questions(data_cfg, e.num_shards, e.shard_index)
+    budget = e.max_new_tokens or cfg.data.max_new_tokens
+    hybrid_methods = [m for m in e.methods if m in HYBRID_METHODS]
+    if hybrid_methods and (cfg.train_dir is None or cfg.steer_dir is None):
+        raise UserError(f"eval.methods has {', '.join(hybrid_methods)}: set train_dir=<train.py run folder> and "
+                        "steer_dir=<steer.py run folder>, or drop them from eval.methods")
+    thinking, base = load_pair(cfg.model)
+    tracker = tracking.start(cfg, run_dir, "eval")
+    try:
+        def plain(lm: LoadedModel, prompt_fn):
+            def fn(batch, b):
+                prompts = [prompt_fn(lm.tokenizer, q.question) for q in batch]
+                return generate_batch(lm, prompts, max_new_tokens=budget, seed=cfg.seed * 1_000_003 + b)
+            return fn
+
+        results = {}
+        for method in e.methods:
+            if method == "base":
+                fn = plain(base, base_model_prompt)
+            elif method == "thinking":
+                fn = plain(thinking, thinking_prompt)
+            else:
+                from sae_reasoning.hybrid_stage import hybrid_batch_fn
+
+                fn = hybrid_batch_fn(cfg, thinking, base, method, budget)
+            records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress)
+            results[method] = grade_records(records, questions)
+        summary = summarise(results, e.n_bootstrap, cfg.seed)
+        write_results(run_dir, results, summary)
+        plot_summary(summary, run_dir)
+        columns = ["method", "accuracy", "ci_low", "ci_high", "gap_recovered", "steered_fraction", "changed_fraction",
+                   "mean_length", "truncation_rate"]
+        tracker.table("eval/summary", columns, [[m, s["accuracy"], *s["accuracy_ci"], s.get("gap_recovered"),
+                                                 s.get("steered_fraction"), s.get("changed_fraction"),
+                                                 s["mean_length"], s["truncation_rate"]] for m, s in summary.items()])
+        tracker.summary({f"eval/{m}/accuracy": s["accuracy"] for m, s in summary.items()})
+        print(f"\n{len(questions)} {cfg.data.name} {e.split} questions; results in {run_dir}")
+        print(format_summary(summary))
+    finally:
+        tracker.finish()

@@ -56,22 +56,25 @@ def generate_batch(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: i
 
 def generate_traces(lm: LoadedModel, questions: Sequence[Question], folder: str | Path, *, batch_size: int,
                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                    progress: bool = True, fingerprint: str = "", generate_fn: GenerateFn | None = None) -> Path:
+                    progress: bool = True, fingerprint: str = "", generate_fn: GenerateFn | None = None,
+                    prompt_fn: Callable[[str], str] | None = None, desc: str = "traces") -> Path:
     """Generate (or finish generating) the traces of `questions` into `folder`. Returns the folder.
 
+    `prompt_fn(question)` builds the prompt text (default: the model's chat template, i.e. a thinking trace);
     `generate_fn(prompts, seed)` replaces the Hugging Face backend (e.g. vLLM); `lm` still provides the tokenizer.
     """
+    prompt_fn = prompt_fn or (lambda question: thinking_prompt(lm.tokenizer, question))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if is_complete(folder):
         return folder
     batches = [questions[i: i + batch_size] for i in range(0, len(questions), batch_size)]
     todo = [b for b in range(len(batches)) if not shard_path(folder, b).exists()]
-    bar = tqdm(total=len(questions), desc="traces", unit="q", disable=not progress,
+    bar = tqdm(total=len(questions), desc=desc, unit="q", disable=not progress,
                initial=len(questions) - sum(len(batches[b]) for b in todo))
     for b in todo:
         batch = batches[b]
-        prompts = [thinking_prompt(lm.tokenizer, q.question) for q in batch]
+        prompts = [prompt_fn(q.question) for q in batch]
         batch_seed = seed * 1_000_003 + b
         gens = generate_fn(prompts, batch_seed) if generate_fn else generate_batch(
             lm, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=batch_seed)
