@@ -1,0 +1,772 @@
+"""The hybrid decoder (METHOD.md step 7): the base model writes, the thinking model decides when and how to steer it.
+
+One owned decode loop with a KV cache (transformers ``DynamicCache``) for each model; every step costs one cached
+forward of each model on the new token (plus the extras listed under *Cost*), never a recomputation of the prefix.
+
+Per step, for every unfinished row (problem) of a batch:
+
+1. **Decide.** The thinking model has read its chat prompt plus every emitted token. The *current sentence* is the
+   emitted text after the last sentence cut (see *Sentences*). Its pooled activation is the running MEAN of the
+   thinking model's block-``sae_layer`` output (``blocks.L.hook_resid_post``) over the sentence's tokens, exactly
+   how the SAE's training vectors were pooled (``activations.py``); the SAE normalises it itself
+   (``sae.normalise``) and ``argmax(sae.pre_acts(.))`` names the behavior, its value is the activation. Below
+   ``threshold`` (or a latent without a vector) nothing but the bias is applied.
+   At a sentence START the sentence has no token yet: the thinking model then *drafts* its own greedy next token
+   (one extra cached step that stops right after block ``sae_layer`` and is rolled back with ``crop``) and the
+   pooled activation is that draft token's output alone. The draft only names the behavior: the emitted token
+   always comes from the base (or, in the controls, from the rule that control states).
+   ``granularity="sentence"`` decides once per sentence (at its start) and steers every token of the sentence with
+   that behavior; ``granularity="token"`` decides at every step from the running mean (draft at sentence starts).
+2. **Steer.** The base reads ``base_prompt(question)``; it is fed the current last token (the last prompt token at
+   step 0, then each emitted token) with ``coefficient * vectors[behavior] (+ bias)`` added to the output of block
+   ``steering_layer`` at that position, through the one steering hook ``hooks.add_to_resid_post``: when the base
+   predicts token t+1 the vector sits at position t, exactly where steering vectors are trained. The bias vector is
+   added at every step (``bias_always``), with or without a behavior.
+3. **Emit** the steered base's greedy token (or the candidate-mode choice), feed it to the thinking model (one cached
+   step, whose block-``sae_layer`` output is stored for the running means).
+
+Candidate mode (``candidate_mode``, the paper's): at steps where a behavior is active, every coefficient of
+``coefficients`` is one candidate (its steered greedy token), plus the token of the base with no delta at all at this
+step when ``unsteered_candidate``; the thinking model's log-likelihood of each candidate token (from its logits of
+the previous step, no extra forward) picks one (ties to the earliest candidate). All candidates are ONE batched
+forward: the fed token is repeated K times at the same position with a 4D attention mask in which each copy sees
+the shared cache and itself only; the K new cache entries are then reduced to the chosen one in place
+(``_keep_candidate``) so the cache never gets copied per candidate. Needs the ``sdpa`` or ``eager`` attention of
+transformers (flash-attention ignores custom 4D masks) and plain ``DynamicLayer`` caches (no sliding window).
+At steps without an active behavior the row emits the bias-steered greedy token, as in the plain mode.
+
+Controls (``control``, one at a time; each acts at exactly the decision points of the real method):
+
+- ``bias_only``: only the bias vector, never a behavior vector (equals steering with every vector zeroed).
+- ``random_behavior``: wherever the real decision activates a behavior, a uniformly random behavior that has a
+  vector is used instead (seeded per problem: ``seed`` and the problem's index, independent of batching).
+- ``random_vectors``: each behavior vector is replaced by a seeded random vector of the same norm.
+- ``oracle``: no steering at all; wherever a behavior is active and greedy base and greedy thinking tokens differ,
+  the thinking model's token is emitted, elsewhere the base's. With ``threshold=-inf`` and token granularity every
+  step is a decision point, and the oracle is the thinking model's own greedy decoding.
+- ``unsteered_rerank``: candidate mode without steering: at active points the unsteered base's top-``rerank_top_c``
+  tokens (default: as many candidates as candidate mode would have) are re-ranked by the thinking model.
+
+Stats per problem (fractions are over decode steps, the final eos step included):
+
+- ``steered_fraction``: steps whose emitted token got a behavior vector with a non-zero coefficient.
+- ``changed_fraction``: steps whose emitted token differs from the *unsteered* base's greedy token on the same
+  token prefix. This needs unsteered base logits every step: a second base cache, teacher-forced on the emitted
+  tokens without any delta, run in the same batched forward as the steered one (interleaved rows). Cost: the base
+  forward runs on 2x the rows whenever steering is possible (``track_unsteered=False`` turns it off; the two rates
+  are then None). Without steering (oracle, unsteered re-ranking, no vectors and no bias) the base itself is
+  unsteered and no second cache is kept.
+- ``disagreement_rate``: steps where that unsteered base greedy token differs from the thinking greedy token.
+- ``bias_fraction``, ``substituted_fraction`` (oracle), ``reranked_fraction`` (candidate choice other than the
+  first), ``behavior_counts`` (tokens steered per latent), ``n_decisions``, ``n_drafts``, ``n_tokens``,
+  ``finished`` (eos) / ``truncated`` (hit ``max_new_tokens``), ``text`` and ``token_ids`` (eos excluded).
+
+Sentences. The cut rules are those of ``sentences.py`` (it is called on the emitted text: after ``.!?;`` runs
+followed by whitespace, after newlines, with its protections), and tokens join the sentence of their first visible
+character as in ``attach_token_spans``. Streaming differences, all documented choices:
+
+- The end of the text counts as whitespace (as the splitter does at the end of a range), so a token ending in
+  ``.`` starts a new sentence at once; if the next token shows it was not a sentence end (``3.`` then ``14``, or
+  ``etc.`` then `` and``) the cut is retracted: the tokens merge back into the previous sentence, whose running
+  mean and (sentence mode) decision apply again. The retracted step was already steered with the new decision.
+- Short pieces (fewer than ``min_words`` words), which the offline index drops, are pooled like any sentence.
+- Text after ``</think>`` is not special (the base does not write think tags).
+- Each step re-scans the text after the last cut that can no longer change (see ``SentenceStream.current``).
+
+Tokenizers: the base's token ids are fed to the thinking model, so both tokenizers must share one vocabulary
+(``_check_tokenizers``); otherwise one clear error. ``retokenize_text`` (text-level re-tokenisation) is refused with
+an explanation: it is not implemented (see ``_RETOKENIZE_LIMITS``).
+
+Cost per step: one base forward on the batch (2x rows when tracking unsteered stats; K query positions in candidate
+mode), one thinking forward on the batch, and at steps where some row starts a sentence (and needs a decision) one
+partial thinking forward up to block ``sae_layer``. Finished rows are dropped from the batch (caches included).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_reasoning.errors import UserError
+from sae_reasoning.hooks import add_to_resid_post
+from sae_reasoning.models import LoadedModel, thinking_prompt
+from sae_reasoning.prompts import base_prompt
+from sae_reasoning.sentences import _boundaries
+
+CONTROLS = ("none", "bias_only", "random_behavior", "random_vectors", "oracle", "unsteered_rerank")
+GRANULARITIES = ("sentence", "token")
+
+_RETOKENIZE_LIMITS = (
+    "hybrid.retokenize_text=true is not implemented: with different tokenizers the thinking model would have to "
+    "read the base's text re-tokenised, which changes token boundaries mid-word (a base token may end inside a "
+    "thinking token), so the thinking model's cache must be rolled back and re-encoded at every mismatch, its "
+    "per-token running means and drafts no longer align with the emitted tokens, and candidate tokens cannot be "
+    "scored by one next-token log-likelihood. Use a thinking/base pair that shares one tokenizer (all pairs of the "
+    "paper do) or set hybrid.retokenize_text=false")
+
+
+class HybridError(UserError):
+    """A hybrid configuration or input that cannot work (mismatched tokenizers, vector shapes, layers)."""
+
+
+@dataclass
+class HybridSettings:
+    """Every knob of the hybrid decoder. `from_config` reads the fields a `config.HybridConfig` has."""
+
+    granularity: str = "sentence"  # sentence | token
+    threshold: float = 0.0  # SAE activation (max pre-activation) below which no behavior vector is applied
+    coefficient: float = 1.0  # plain mode: delta = coefficient * vector (+ bias)
+    candidate_mode: bool = False
+    coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+    unsteered_candidate: bool = True
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    retokenize_text: bool = False
+    control: str = "none"  # one of CONTROLS
+    seed: int = 0
+    rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
+    bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
+    track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Any = None, **overrides: Any) -> "HybridSettings":
+        values = {}
+        for f in fields(cls):
+            if isinstance(cfg, Mapping) and f.name in cfg:
+                values[f.name] = cfg[f.name]
+            elif cfg is not None and not isinstance(cfg, Mapping) and hasattr(cfg, f.name):
+                values[f.name] = getattr(cfg, f.name)
+        values.update(overrides)
+        if "coefficients" in values:
+            values["coefficients"] = [float(c) for c in values["coefficients"]]
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.coefficients) + int(self.unsteered_candidate)
+
+    def validate(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise HybridError(f"hybrid.granularity={self.granularity!r}: must be one of {GRANULARITIES}")
+        if self.control not in CONTROLS:
+            raise HybridError(f"hybrid.control={self.control!r}: must be one of {CONTROLS}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise HybridError("hybrid.max_new_tokens and hybrid.batch_size must be >= 1")
+        if self.candidate_mode and not self.coefficients:
+            raise HybridError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
+        if self.rerank_top_c is not None and self.rerank_top_c < 1:
+            raise HybridError(f"hybrid.rerank_top_c={self.rerank_top_c}: must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _plain_vocab(tok: Any) -> dict[str, int]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.get_vocab(with_added_tokens=False)
+    return tok.get_vocab()
+
+
+def _added_vocab(tok: Any) -> dict[int, str]:
+    return {int(i): str(t) for i, t in getattr(tok, "added_tokens_decoder", {}).items()}
+
+
+def _check_tokenizers(thinking: LoadedModel, base: LoadedModel, retokenize_text: bool) -> dict[int, tuple[str, str]]:
+    """Raise unless both tokenizers give every ordinary token the same id; return conflicting added tokens.
+
+    Added (special) tokens may differ, as between the R1 distills and their Qwen bases: the returned
+    {id: (base token, thinking token)} lists ids whose special meaning differs; emitting one is counted per problem
+    (``n_conflicting_tokens``) because the thinking model reads it as its own special token.
+    """
+    tv, bv = _plain_vocab(thinking.tokenizer), _plain_vocab(base.tokenizer)
+    if tv != bv:
+        if retokenize_text:
+            raise HybridError(_RETOKENIZE_LIMITS)
+        diff = sorted(set(tv.items()) ^ set(bv.items()), key=lambda kv: kv[1])
+        example = diff[0] if diff else ("?", -1)
+        raise HybridError(
+            f"the thinking tokenizer ({thinking.source}, {len(tv)} tokens) and the base tokenizer ({base.source}, "
+            f"{len(bv)} tokens) differ ({len(diff)} mismatched token/id pairs, e.g. {example[0]!r} -> {example[1]}): "
+            "the hybrid feeds the base's token ids to the thinking model, so both must share one vocabulary; use a "
+            "matching pair (hybrid.retokenize_text is not implemented)")
+    ta, ba = _added_vocab(thinking.tokenizer), _added_vocab(base.tokenizer)
+    conflicts = {i: (ba[i], ta.get(i, "")) for i in ba if ta.get(i) != ba[i]}
+    conflicts.update({i: (ba.get(i, ""), ta[i]) for i in ta if ba.get(i) != ta[i]})
+    if conflicts:
+        warnings.warn(f"hybrid: {len(conflicts)} special token ids mean different things to the base and the "
+                      f"thinking tokenizer (e.g. {next(iter(conflicts.items()))}); emitting one is counted as "
+                      "n_conflicting_tokens", stacklevel=3)
+    return conflicts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming sentences
+
+
+class SentenceStream:
+    """Emitted tokens of one row, their text and character spans, and the current sentence's tokens.
+
+    Cuts come from ``sentences._boundaries`` run over the current line (a line start is a state of its scan, so the
+    result equals a scan of the whole text); membership follows ``attach_token_spans``. See the module doc.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.ends: list[int] = []  # char end of each token; token i spans [ends[i-1] (or 0), ends[i])
+        self._final = 0  # the last sentence cut that later text cannot change (a scan may resume there)
+        self._read = 0  # tokens before this have their text in self.text
+
+    def append(self, token_id: int) -> None:
+        """Add one token. Its text is found by decoding a short window (as streaming detokenisers do: O(1) per
+        token); a token that ends inside a multi-byte character gets no text until a later token completes it."""
+        self.ids.append(int(token_id))
+        n = len(self.ids)
+        start = max(0, self._read - 6)  # a little left context, so that leading-space rules match a full decode
+        prefix = self._decode(self.ids[start:self._read])
+        window = self._decode(self.ids[start:])
+        if window.startswith(prefix) and not window.endswith("\ufffd"):
+            self.text += window[len(prefix):]
+            self._read = n
+        elif n - self._read > 8:  # the window never settles: fall back to decoding everything once
+            self.text = self._decode(self.ids)
+            self._read, self._final = n, 0
+        self.ends.append(len(self.text))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    def current(self) -> tuple[int, int, int]:
+        """(cut, first, end): the char position where the current sentence begins and its member tokens
+        [first, end). first == end means the current sentence has no token yet (a sentence start)."""
+        text, n = self.text, len(self.ids)
+        line = text.rfind("\n") + 1
+        lo = max(line, self._final)
+        if lo > line:
+            # Resume the scan just before the last final cut: lo - 1 is a terminator/closer, so every look-back of
+            # the splitter (words, digits, list markers, which stop at non-alphanumerics) sees exactly what a scan
+            # from the line start sees, and the scan lands on lo as it did then.
+            cuts = [lo] + [c for c in _boundaries(text, lo - 1, len(text)) if c > lo]
+        else:
+            cuts = [line] + _boundaries(text, line, len(text))
+        cut = cuts[-1]
+        # A cut followed by visible text can no longer change (retract or move): later scans start there.
+        self._final = cut if text[cut:].strip() else (cuts[-2] if len(cuts) > 1 else lo)
+        rest = text[cut:]
+        vis = len(text) - len(rest.lstrip())  # first visible char of the current sentence
+        if vis >= len(text):
+            return cut, n, n
+        vis_end = len(text.rstrip())
+        prev_end = cut  # a token starting before the previous sentence's visible end belongs to it
+        while prev_end > 0 and text[prev_end - 1].isspace():
+            prev_end -= 1
+        # Members: start in [prev_end, vis_end) and end after vis (a token starting in the gap joins the sentence
+        # its first visible character is in). Starts and ends grow with i, so the members are contiguous.
+        first = end = None
+        for i in range(n - 1, -1, -1):
+            a, b = (self.ends[i - 1] if i else 0), self.ends[i]
+            if a < prev_end or b <= vis:
+                break
+            if a < vis_end:
+                end = i + 1 if end is None else end
+                first = i
+        if end is None:
+            return cut, n, n
+        return cut, first, end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decoder
+
+
+class _Stop(Exception):
+    """Raised by the capture hook during a draft step: nothing after block sae_layer is needed."""
+
+
+@dataclass
+class _Row:
+    index: int  # position in the generate() input
+    stream: SentenceStream
+    rng: random.Random
+    decided: dict[int, tuple[int, float]] = field(default_factory=dict)  # sentence cut -> (behavior, value)
+    behavior: int = -1
+    finished: bool = False
+    n_steps: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict(steered=0, changed=0, disagree=0, bias=0,
+                                                               substituted=0, reranked=0, decisions=0, drafts=0,
+                                                               conflicting=0))
+    behavior_counts: dict[int, int] = field(default_factory=dict)
+    record: dict[str, list] = field(default_factory=lambda: dict(step_logits=[], unsteered_logits=[],
+                                                                candidate_logits=[], pooled=[], behavior=[],
+                                                                coefficient=[], at_start=[], candidates=[],
+                                                                thinking_greedy=[], base_greedy=[], emitted=[]))
+
+
+class HybridGenerator:
+    """The hybrid decoder. ``generate(questions)`` returns one result dict per question (see the module doc).
+
+    Args:
+        thinking, base: loaded models sharing one tokenizer vocabulary (may be the same object).
+        sae: a `TopKSAE` trained at ``sae_layer`` of the thinking model (it owns its input normalisation).
+        vectors: {latent: [d_model of base]} steering vectors at ``steering_layer`` of the base; latents without a
+            vector are never steered.
+        bias: the general bias vector [d_model] or None.
+        cfg: a `config.HybridConfig`, a mapping, or None; ``overrides`` replace single fields (see
+            `HybridSettings`).
+    """
+
+    def __init__(self, thinking: LoadedModel, base: LoadedModel, sae: Any, sae_layer: int,
+                 vectors: Mapping[int, Tensor], bias: Tensor | None, steering_layer: int, cfg: Any = None,
+                 **overrides: Any):
+        self.settings = s = HybridSettings.from_config(cfg, **overrides)
+        self.thinking, self.base = thinking, base
+        self.conflicts = _check_tokenizers(thinking, base, s.retokenize_text)
+        if not 0 <= sae_layer < thinking.n_layers:
+            raise HybridError(f"sae_layer={sae_layer}: the thinking model has blocks 0..{thinking.n_layers - 1}")
+        if not 0 <= steering_layer < base.n_layers:
+            raise HybridError(f"steering_layer={steering_layer}: the base model has blocks 0..{base.n_layers - 1}")
+        if sae.d_in != thinking.d_model:
+            raise HybridError(f"the SAE reads {sae.d_in}-dim vectors but the thinking model has d_model "
+                              f"{thinking.d_model}")
+        self.sae_layer, self.steering_layer = sae_layer, steering_layer
+        self.sae = copy.deepcopy(sae).float().to(thinking.device).eval()
+        self.n_latents = sae.n_latents
+        d = base.d_model
+        V = torch.zeros(self.n_latents, d)
+        has = torch.zeros(self.n_latents, dtype=torch.bool)
+        for latent, vec in vectors.items():
+            latent = int(latent)
+            if not 0 <= latent < self.n_latents:
+                raise HybridError(f"steering vector for latent {latent}: the SAE has latents 0..{self.n_latents - 1}")
+            vec = torch.as_tensor(vec).detach().float().flatten().cpu()
+            if vec.numel() != d:
+                raise HybridError(f"steering vector for latent {latent} has {vec.numel()} entries; the base model's "
+                                  f"d_model is {d}")
+            V[latent], has[latent] = vec, True
+        if s.control == "random_vectors":
+            gen = torch.Generator().manual_seed(s.seed)
+            for latent in range(self.n_latents):
+                r = torch.randn(d, generator=gen)
+                if has[latent]:
+                    V[latent] = r / r.norm() * V[latent].norm()
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach().float().flatten().cpu()
+            if bias.numel() != d:
+                raise HybridError(f"the bias vector has {bias.numel()} entries; the base model's d_model is {d}")
+        self.vectors = V.to(base.device)  # [n_latents, d]
+        self.has_vector = has.to(thinking.device)
+        self.available = [int(i) for i in has.nonzero().flatten()]
+        self.bias = None if bias is None else bias.to(base.device)
+        # Without any behavior vector no decision can activate anything: skip drafts and the SAE altogether.
+        self.decides = bool(self.available)
+        # Whether the base cache can ever differ from the unsteered base.
+        if s.control in ("oracle", "unsteered_rerank"):
+            self.steers = False
+        elif s.control == "bias_only":
+            self.steers = bias is not None
+        else:
+            self.steers = bool(self.available) or bias is not None
+        attn = getattr(base.model.config, "_attn_implementation", "sdpa")
+        if s.candidate_mode and s.control == "none" and attn not in ("sdpa", "eager"):
+            raise HybridError(f"hybrid.candidate_mode needs the base model's attention to be 'sdpa' or 'eager' (it "
+                              f"evaluates the candidates with a custom 4D attention mask), not {attn!r}")
+        self.eos_ids = self._eos_ids()
+        tok = base.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else sorted(self.eos_ids)[0]
+        self._mode: str | None = None
+        self._delta: Tensor | None = None
+        self._captured: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------ public API
+
+    def prompts(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids of (base prompt, thinking prompt) for one question."""
+        b = self.base.tokenizer(base_prompt(question))["input_ids"]
+        t = self.thinking.tokenizer(thinking_prompt(self.thinking.tokenizer, question),
+                                    add_special_tokens=False)["input_ids"]
+        return list(b), list(t)
+
+    def generate(self, questions: Sequence[Any], progress: bool | None = None) -> list[dict]:
+        """Hybrid generations for `questions` (strings, or objects/dicts with `question` and optionally `id`)."""
+        texts: list[str] = []
+        ids: list[Any] = []
+        for q in questions:
+            if isinstance(q, str):
+                text, qid = q, None
+            elif isinstance(q, Mapping):
+                text, qid = q["question"], q.get("id")
+            else:
+                text, qid = q.question, getattr(q, "id", None)
+            texts.append(text)
+            ids.append(qid)
+        pairs = [self.prompts(t) for t in texts]
+        results = self.generate_ids([p[0] for p in pairs], [p[1] for p in pairs], progress=progress)
+        for r, t, i in zip(results, texts, ids):
+            r["question"] = t
+            if i is not None:
+                r["id"] = i
+        return results
+
+    def generate_ids(self, base_ids: Sequence[Sequence[int]], thinking_ids: Sequence[Sequence[int]], *,
+                     schedule: Sequence[Sequence[tuple[int | None, float]]] | None = None, record: bool = False,
+                     progress: bool | None = None) -> list[dict]:
+        """Generate from prompt token ids. `schedule[row][step] = (behavior or None, coefficient)` replaces the
+        decision (candidate mode: only the behavior), for tests; `record` adds per-step tensors to each result
+        (``record``: step_logits, unsteered_logits, candidate_logits, pooled, behavior, coefficient, at_start,
+        candidates, thinking_greedy, base_greedy, emitted; one entry per step)."""
+        if len(base_ids) != len(thinking_ids):
+            raise HybridError("base_ids and thinking_ids must have one prompt per problem each")
+        s = self.settings
+        show = s.progress if progress is None else progress
+        results: list[dict] = []
+        bar = tqdm(total=len(base_ids), desc="hybrid", unit="q", disable=not show)
+        for start in range(0, len(base_ids), s.batch_size):
+            stop = min(start + s.batch_size, len(base_ids))
+            sched = None if schedule is None else list(schedule[start:stop])
+            results += self._run_batch(list(range(start, stop)), [list(x) for x in base_ids[start:stop]],
+                                       [list(x) for x in thinking_ids[start:stop]], sched, record, bar)
+        bar.close()
+        return results
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.base.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.base.tokenizer.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if not eos:
+            raise HybridError(f"the base model {self.base.source} has no eos token id")
+        return {int(e) for e in eos}
+
+    def _hook_capture(self, hidden: Tensor) -> None:
+        if self._mode in ("think", "draft"):
+            self._captured = hidden[:, -1]
+            if self._mode == "draft":
+                raise _Stop
+        return None
+
+    def _hook_steer(self, hidden: Tensor) -> Tensor | None:
+        return self._delta if self._mode == "base" else None
+
+    @staticmethod
+    def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            if x:
+                ids[i, width - len(x):] = torch.tensor(x)
+                mask[i, width - len(x):] = 1
+        return ids.to(device), mask.to(device)
+
+    def _forward(self, lm: LoadedModel, mode: str, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any,
+                 logits_to_keep: int = 0) -> Tensor | None:
+        self._mode = mode
+        try:
+            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=logits_to_keep)
+            return out.logits
+        except _Stop:
+            return None
+        finally:
+            self._mode = None
+
+    def _decide(self, rows: list[_Row], pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled raw activations [n, d] -> (behavior [n], value [n]); behavior -1 = none."""
+        pre = self.sae.pre_acts(self.sae.normalise(pooled.float()))
+        value, latent = pre.max(-1)
+        active = (value >= self.settings.threshold) & self.has_vector[latent]
+        behavior = torch.where(active, latent, -1)
+        if self.settings.control == "random_behavior":
+            behavior = torch.tensor([r.rng.choice(self.available) if bool(a) else -1 for r, a in zip(rows, active)],
+                                    device=behavior.device)
+        return behavior, value
+
+    @torch.inference_mode()
+    def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
+                   schedule: list | None, record: bool, bar: Any) -> list[dict]:
+        from transformers import DynamicCache
+
+        s = self.settings
+        bdev, tdev = self.base.device, self.thinking.device
+        B = len(indices)
+        if any(len(x) < 1 for x in base_ids) or any(len(x) < 1 for x in think_ids):
+            raise HybridError("empty prompt")
+        rows = [_Row(index=i, stream=SentenceStream(self.base.tokenizer),
+                     rng=random.Random(s.seed * 1_000_003 + i)) for i in indices]
+        candidate = s.candidate_mode and s.control not in ("oracle", "unsteered_rerank")
+        S = 2 if (self.steers and s.track_unsteered) else 1  # base rows per problem: steered (+ unsteered)
+        K = s.n_candidates if candidate else 1
+        C = s.rerank_top_c or s.n_candidates
+        coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
+        H = torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype, device=tdev)
+        orig = torch.arange(B, device=tdev)  # active position -> batch row (for H)
+
+        with ExitStack() as stack:
+            stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
+            stack.enter_context(add_to_resid_post(self.base.model, self.steering_layer, self._hook_steer))
+            # Base: prefill all but the last prompt token (no steering there); the last one is fed at step 0.
+            bcache = DynamicCache(config=self.base.model.config)
+            ids, bmask = self._left_pad([x[:-1] for x in base_ids], self.pad_id, bdev)
+            bpos = (bmask.cumsum(-1) - 1).clamp(min=0)
+            if ids.shape[1] > 0:
+                self._forward(self.base, "prefill", ids, bmask, bpos, bcache, logits_to_keep=1)
+            bpos = bmask.sum(-1)  # the next position of each row = its number of real tokens
+            if S == 2:
+                bcache.batch_repeat_interleave(2)
+                bmask, bpos = bmask.repeat_interleave(2, 0), bpos.repeat_interleave(2, 0)
+            feed = torch.tensor([x[-1] for x in base_ids], device=bdev)
+            # Thinking: prefill the whole chat prompt; its last logits give the first thinking greedy token.
+            tcache = DynamicCache(config=self.thinking.model.config)
+            ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
+            tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
+            tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache, logits_to_keep=1)[:, -1].float()
+            tpos = tmask.sum(-1)
+            active = list(range(B))  # batch rows still decoding, in cache order
+
+            for step in range(s.max_new_tokens):
+                A = len(active)
+                arows = [rows[i] for i in active]
+                tlogp = torch.log_softmax(tlogits, -1)  # [A, V]
+                g = tlogits.argmax(-1)  # thinking greedy [A]
+                # ---- 1. decide
+                state = [r.stream.current() for r in arows]
+                need = [self.decides and (s.granularity == "token" or cut not in r.decided)
+                        for r, (cut, _, _) in zip(arows, state)]
+                starts = [first == end for (_, first, end) in state]
+                draft_h = None
+                if any(n and st for n, st in zip(need, starts)):
+                    self._captured = None
+                    self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
+                                  tpos[:, None], tcache)
+                    draft_h = self._captured  # [A, d]
+                    for layer in tcache.layers[: self.sae_layer + 1]:
+                        layer.crop(-1)
+                pooled_rows, pooled = [], []
+                for a, (r, n, st, (cut, first, end)) in enumerate(zip(arows, need, starts, state)):
+                    if not n:
+                        continue
+                    pooled_rows.append(a)
+                    if st:
+                        pooled.append(draft_h[a].float())
+                        r.counts["drafts"] += 1
+                    else:
+                        pooled.append(H[active[a], first:end].float().mean(0))
+                behavior = torch.tensor([r.behavior for r in arows], device=tdev)
+                if pooled_rows:
+                    pooled_t = torch.stack(pooled)
+                    beh, _val = self._decide([arows[a] for a in pooled_rows], pooled_t)
+                    for j, a in enumerate(pooled_rows):
+                        r = arows[a]
+                        r.counts["decisions"] += 1
+                        if s.granularity == "sentence":
+                            r.decided[state[a][0]] = (int(beh[j]), float(_val[j]))
+                        else:
+                            behavior[a] = beh[j]
+                if s.granularity == "sentence" and self.decides:
+                    behavior = torch.tensor([r.decided[cut][0] for r, (cut, _, _) in zip(arows, state)], device=tdev)
+                coef_sched = None
+                if schedule is not None:
+                    plan = [schedule[i][step] if step < len(schedule[i]) else (None, 0.0) for i in active]
+                    behavior = torch.tensor([-1 if b is None else int(b) for b, _ in plan], device=tdev)
+                    coef_sched = torch.tensor([float(c) for _, c in plan], device=bdev)
+                for r, b in zip(arows, behavior.tolist()):
+                    r.behavior = b
+                beh_b = behavior.to(bdev)
+                is_active = beh_b >= 0
+                # ---- 2. steer: delta [A, K, d] for the steered rows
+                use_vec = is_active & (s.control != "bias_only")
+                vec = self.vectors[beh_b.clamp(min=0)] * use_vec[:, None]  # [A, d]
+                if coef_sched is not None and not candidate:
+                    cf = coef_sched[:, None]  # [A, 1]
+                else:
+                    cf = coefs[None, :].expand(A, -1)  # [A, Kc]
+                delta = None
+                bias_on = torch.zeros(A, dtype=torch.bool, device=bdev)
+                if self.steers:
+                    delta = cf[:, :, None] * vec[:, None, :]  # [A, Kc, d]
+                    if self.bias is not None:
+                        bias_on = torch.ones_like(bias_on) if s.bias_always else use_vec
+                        delta = delta + bias_on[:, None, None] * self.bias
+                    if candidate and s.unsteered_candidate:
+                        delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
+                    if S == 2:  # interleave the unsteered rows (zero delta)
+                        delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
+                R = A * S
+                inp = feed.repeat_interleave(S)[:, None].expand(R, K)
+                if K == 1:
+                    mask_in = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
+                else:
+                    mask_in = self._candidate_mask(bmask, K, self.base.model.dtype)
+                self._delta = delta
+                logits = self._forward(self.base, "base", inp, mask_in, bpos[:, None].expand(R, K), bcache).float()
+                self._delta = None
+                steered_logits = logits[0::S]  # [A, K, V]
+                u = logits[1::2, 0].argmax(-1) if S == 2 else (None if self.steers else logits[:, 0].argmax(-1))
+                # ---- 3. emit
+                chosen = torch.zeros(A, dtype=torch.long, device=bdev)
+                if candidate:
+                    cand = steered_logits.argmax(-1)  # [A, K]
+                    score = tlogp.to(bdev).gather(1, cand)
+                    chosen = torch.where(is_active, score.argmax(1), 0)
+                    e = cand.gather(1, chosen[:, None])[:, 0]
+                    self._keep_candidate(bcache, bmask.shape[1], chosen.repeat_interleave(S) * (
+                        torch.arange(R, device=bdev) % S == 0), K)
+                elif s.control == "oracle":
+                    base_greedy = steered_logits[:, 0].argmax(-1)
+                    sub = is_active & (g.to(bdev) != base_greedy)
+                    e = torch.where(sub, g.to(bdev), base_greedy)
+                elif s.control == "unsteered_rerank":
+                    top = steered_logits[:, 0].topk(C, -1).indices  # [A, C]
+                    score = tlogp.to(bdev).gather(1, top)
+                    chosen = torch.where(is_active, score.argmax(1), 0)
+                    e = top.gather(1, chosen[:, None])[:, 0]
+                else:
+                    e = steered_logits[:, 0].argmax(-1)
+                bmask = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
+                bpos = bpos + 1
+                # ---- stats
+                if candidate:
+                    k_coef = torch.where(chosen < len(s.coefficients), coefs[chosen.clamp(max=len(coefs) - 1)], 0.0)
+                else:
+                    k_coef = cf[:, 0] if self.steers else torch.zeros(A, device=bdev)
+                steered = use_vec & (k_coef != 0) & self.steers
+                if candidate and s.unsteered_candidate:
+                    bias_on = bias_on & (chosen < len(s.coefficients))
+                # one transfer per step, not one per row
+                e_l, g_l, st_l, ch_l = e.tolist(), g.tolist(), steered.tolist(), chosen.tolist()
+                u_l = None if u is None else u.tolist()
+                bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
+                sub_l = sub.tolist() if s.control == "oracle" else [False] * A
+                for a, r in enumerate(arows):
+                    c = r.counts
+                    r.n_steps += 1
+                    c["steered"] += st_l[a]
+                    c["bias"] += bias_l[a]
+                    if st_l[a]:
+                        r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
+                    if u_l is not None:
+                        c["changed"] += e_l[a] != u_l[a]
+                        c["disagree"] += u_l[a] != g_l[a]
+                    c["substituted"] += sub_l[a]
+                    if candidate or s.control == "unsteered_rerank":
+                        c["reranked"] += ch_l[a] != 0
+                    c["conflicting"] += e_l[a] in self.conflicts
+                    if record:
+                        rec = r.record
+                        k = ch_l[a] if candidate else 0
+                        rec["step_logits"].append(steered_logits[a, k].cpu())
+                        rec["candidate_logits"].append(steered_logits[a].cpu())
+                        rec["unsteered_logits"].append(logits[a * S + 1, 0].cpu() if S == 2 else None)
+                        j = pooled_rows.index(a) if a in pooled_rows else None
+                        rec["pooled"].append(None if j is None else pooled_t[j].cpu())
+                        rec["at_start"].append(starts[a] if need[a] else None)
+                        rec["behavior"].append(r.behavior)
+                        rec["coefficient"].append(float(k_coef[a]))
+                        rec["candidates"].append(cand[a].tolist() if candidate else (
+                            top[a].tolist() if s.control == "unsteered_rerank" else None))
+                        rec["thinking_greedy"].append(g_l[a])
+                        rec["base_greedy"].append(None if u_l is None else u_l[a])
+                        rec["emitted"].append(e_l[a])
+                    if e_l[a] in self.eos_ids:
+                        r.finished = True
+                    else:
+                        r.stream.append(e_l[a])
+                # ---- drop finished rows
+                keep = [a for a, r in enumerate(arows) if not r.finished]
+                for a, r in enumerate(arows):
+                    if r.finished:
+                        bar.update(1)
+                if not keep:
+                    active = []
+                    break
+                if len(keep) < A:
+                    kb = torch.tensor(keep, device=bdev)
+                    kbs = (kb[:, None] * S + torch.arange(S, device=bdev)).flatten()
+                    bcache.batch_select_indices(kbs)
+                    bmask, bpos = bmask[kbs], bpos[kbs]
+                    kt = kb.to(tdev)
+                    tcache.batch_select_indices(kt)
+                    tmask, tpos, orig = tmask[kt], tpos[kt], orig[kt]
+                    e = e[kb]
+                    active = [active[a] for a in keep]
+                feed = e
+                if step == s.max_new_tokens - 1:
+                    break
+                # ---- 4. the thinking model reads the emitted token
+                tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
+                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
+                                        tcache)[:, -1].float()
+                tpos = tpos + 1
+                H[orig, step] = self._captured.to(H.dtype)
+            for i in active:
+                bar.update(1)
+        return [self._result(r, record) for r in rows]
+
+    @staticmethod
+    def _candidate_mask(past: Tensor, K: int, dtype: torch.dtype) -> Tensor:
+        """Additive 4D mask [R, 1, K, T + K]: each of the K copies of the new token sees the cache and itself."""
+        R, T = past.shape
+        seen = torch.cat([past.bool()[:, None, None, :].expand(R, 1, K, T),
+                          torch.eye(K, dtype=torch.bool, device=past.device)[None, None].expand(R, 1, K, K)], -1)
+        mask = torch.zeros(seen.shape, dtype=dtype, device=past.device)
+        return mask.masked_fill(~seen, torch.finfo(dtype).min)
+
+    @staticmethod
+    def _keep_candidate(cache: Any, T: int, chosen: Tensor, K: int) -> None:
+        """Reduce the K candidate entries appended at position T to the chosen one per row, in place."""
+        rows = torch.arange(chosen.shape[0], device=chosen.device)
+        for layer in cache.layers:
+            if type(layer).__name__ != "DynamicLayer":
+                raise HybridError(f"candidate mode needs plain DynamicLayer caches, got {type(layer).__name__} "
+                                  "(sliding-window or other special attention)")
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [R, heads, T + K, head_dim]
+                t[:, :, T] = t[rows, :, T + chosen.to(t.device)]
+            layer.crop(-(K - 1))
+
+    def _result(self, r: _Row, record: bool) -> dict:
+        n = max(r.n_steps, 1)
+        c = r.counts
+        track = self.settings.track_unsteered or not self.steers
+        out = {
+            "index": r.index,
+            "text": self.base.tokenizer.decode(r.stream.ids, skip_special_tokens=False),
+            "token_ids": list(r.stream.ids),
+            "n_tokens": len(r.stream.ids),
+            "n_steps": r.n_steps,
+            "finished": r.finished,
+            "truncated": not r.finished,
+            "control": self.settings.control,
+            "granularity": self.settings.granularity,
+            "candidate_mode": self.settings.candidate_mode,
+            "steered_fraction": c["steered"] / n,
+            "changed_fraction": c["changed"] / n if track else None,
+            "disagreement_rate": c["disagree"] / n if track else None,
+            "bias_fraction": c["bias"] / n,
+            "substituted_fraction": c["substituted"] / n,
+            "reranked_fraction": c["reranked"] / n,
+            "behavior_counts": {str(k): v for k, v in sorted(r.behavior_counts.items())},
+            "n_decisions": c["decisions"],
+            "n_drafts": c["drafts"],
+            "n_conflicting_tokens": c["conflicting"],
+        }
+        if record:
+            out["record"] = r.record
+        return out

@@ -1,0 +1,445 @@
+"""The hybrid decoder on the tiny real Llama (stories260K) with a random SAE and random steering vectors.
+
+Every reference here is an independent, uncached recomputation: the base run on the whole prefix with the same
+deltas at the same positions through the one steering hook, the thinking model on the whole prefix, and the offline
+sentence splitter on the prefix text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from helpers import stories_with_chat_template
+from sae_reasoning.hooks import add_to_resid_post, capture_resid_post, positions_delta
+from sae_reasoning.hybrid import HybridError, HybridGenerator, SentenceStream
+from sae_reasoning.models import load_model
+from sae_reasoning.sae import TopKSAE
+from sae_reasoning.sentences import _boundaries, attach_token_spans, split_sentences
+
+SAE_LAYER, STEER_LAYER, N_LATENTS, D = 2, 1, 6, 64
+QUESTIONS = ["Tom saw a big dog", "Lily had a red ball and she wanted to play with her friend in the park",
+             "The sun was hot"]
+
+
+@pytest.fixture(scope="module")
+def lm(stories_path, tmp_path_factory):
+    path = stories_with_chat_template(stories_path, tmp_path_factory.mktemp("hyb") / "stories")
+    return load_model(str(path), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lm2(lm):
+    """A second copy of the same weights: thinking and base as distinct objects."""
+    return load_model(lm.source, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return TopKSAE.from_init(D, N_LATENTS, k=3, seed=0, norm_mean=torch.full((D,), 0.1))
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    g = torch.Generator().manual_seed(1)
+    vecs = {i: torch.randn(D, generator=g) / 8 * (1 + i / 2) for i in range(N_LATENTS - 1)}  # the last: no vector
+    bias = torch.randn(D, generator=g) / 10
+    return vecs, bias
+
+
+def make(lm, base, sae, vecs, bias, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("max_new_tokens", 24)
+    return HybridGenerator(lm, base, sae, SAE_LAYER, vecs, bias, STEER_LAYER, **kw)
+
+
+def plain_greedy(lm, questions, max_new_tokens, eos_id=None):
+    """HF generate, greedy, left-padded batch: the reference for 'steering off'."""
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    from sae_reasoning.prompts import base_prompt
+    enc = tok([base_prompt(q) for q in questions], return_tensors="pt", padding=True)
+    eos = tok.eos_token_id if eos_id is None else eos_id
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                            eos_token_id=eos)
+    seqs = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        seqs.append(row[: row.index(eos)] if eos in row else row)
+    return seqs
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def base_reference_logits(lm, prompt_ids, emitted, deltas):
+    """Uncached: base on prompt + emitted tokens, delta s at position len(prompt) - 1 + s; logits per step."""
+    ids = torch.tensor([prompt_ids + emitted])
+    P = len(prompt_ids)
+    n = len(deltas)
+    delta = torch.zeros(1, ids.shape[1], D)
+    for step, d in enumerate(deltas):
+        delta[0, P - 1 + step] = d
+    with torch.no_grad(), add_to_resid_post(lm.model, STEER_LAYER, delta):
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0]
+    return logits[P - 1: P - 1 + n]
+
+
+def offsets_of(tok, ids):
+    ends = [len(tok.decode(ids[: i + 1])) for i in range(len(ids))]
+    return [((ends[i - 1] if i else 0), ends[i]) for i in range(len(ids))]
+
+
+def reference_current(tok, ids):
+    """Offline splitter on the prefix text: (at_start, first, end) of the sentence being written."""
+    text = tok.decode(ids)
+    cuts = _boundaries(text, 0, len(text))
+    if not text.strip() or (cuts and not text[cuts[-1]:].strip()):
+        return True, len(ids), len(ids)
+    sentences = attach_token_spans(split_sentences(text, min_words=1), offsets_of(tok, ids))
+    last = sentences[-1]
+    return False, last.token_start, last.token_end
+
+
+def pooled_reference(lm, think_prompt, emitted, step, at_start, draft_token):
+    prefix = think_prompt + emitted[:step]
+    if at_start:
+        h = capture_resid_post(lm.model, SAE_LAYER, input_ids=torch.tensor([prefix + [draft_token]]), use_cache=False)
+        return h[0, -1]
+    _, first, end = reference_current(lm.tokenizer, emitted[:step])
+    h = capture_resid_post(lm.model, SAE_LAYER, input_ids=torch.tensor([prefix]), use_cache=False)[0]
+    P = len(think_prompt)
+    return h[P + first: P + end].mean(0)
+
+
+def schedule_for(n_rows, n_steps, seed=0):
+    rng = random.Random(seed)
+    return [[(rng.choice([None, 0, 1, 2, 3, 4, 5]), rng.choice([0.5, 1.0, 2.0, -1.0])) for _ in range(n_steps)]
+            for _ in range(n_rows)]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_streaming_sentences_match_the_offline_splitter(lm):
+    tok = lm.tokenizer
+    text = ("Tom saw 3.14 dogs. Then he ran! Mr. Smith said hi; the end.\nNew line here? Yes... maybe not. "
+            "She said 5! is big. \"Wow.\" Lily ran. etc. and so on. A. Smith came.\n\nOk.")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    stream = SentenceStream(tok)
+    retractions = 0
+    prev_cut = 0
+    for i in range(len(ids) + 1):
+        if i:
+            stream.append(ids[i - 1])
+        cut, first, end = stream.current()
+        retractions += cut < prev_cut
+        prev_cut = cut
+        ref_start, ref_first, ref_end = reference_current(tok, ids[:i])
+        assert (first == end) == ref_start, (i, tok.decode(ids[:i]))
+        if not ref_start:
+            assert (first, end) == (ref_first, ref_end), (i, tok.decode(ids[:i]))
+    assert stream.text == tok.decode(ids)
+    assert retractions > 0  # "3." and "etc." were provisional sentence ends
+    # Byte-fallback tokens: a token ending inside a character gets its text when a later one completes it.
+    text = "Café — naïve 😀 ok. Then\n\n  x = 3.5; done! Über."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    stream = SentenceStream(tok)
+    for t in ids:
+        stream.append(t)
+        stream.current()
+        assert tok.decode(stream.ids).startswith(stream.text)
+    assert stream.text == text and stream.ends == sorted(stream.ends) and stream.ends[-1] == len(text)
+
+
+@pytest.mark.parametrize("granularity,stop", [("token", False), ("sentence", False), ("token", True)])
+def test_golden_cached_equals_uncached(lm, lm2, sae, vectors, granularity, stop):
+    """Fixed schedule, batch 3 with unequal prompts (left padding): every step's steered and unsteered base logits
+    and every pooled activation equal an uncached recomputation. With `stop` as an extra eos, rows finish at
+    different steps and are dropped from the batch mid-way."""
+    vecs, bias = vectors
+    n_steps = 20
+    hyb = make(lm2, lm, sae, vecs, bias, granularity=granularity, max_new_tokens=n_steps, threshold=-1e9)
+    prompts = [hyb.prompts(q) for q in QUESTIONS]
+    assert len({len(b) for b, _ in prompts}) == 3
+    sched = schedule_for(3, n_steps)
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], schedule=sched, record=True)
+    if stop:  # make row 0's 6th token an eos: rows then finish at different steps
+        hyb.eos_ids = {lm.tokenizer.eos_token_id, res[0]["record"]["emitted"][5]}
+        res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], schedule=sched, record=True)
+    n_pooled = n_draft = 0
+    for (bp, tp), r, plan in zip(prompts, res, sched):
+        rec = r["record"]
+        emitted = rec["emitted"]
+        n = len(emitted)
+        deltas = []
+        for step in range(n):
+            b, c = plan[step]
+            d = bias.clone()
+            if b is not None and b in vecs:
+                d += c * vecs[b]
+            deltas.append(d)
+            assert rec["behavior"][step] == (-1 if b is None else b)
+        ref = base_reference_logits(lm, bp, emitted[:-1] if n else [], deltas)
+        got = torch.stack(rec["step_logits"])
+        assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()
+        ref_u = base_reference_logits(lm, bp, emitted[:-1], [torch.zeros(D)] * n)
+        got_u = torch.stack(rec["unsteered_logits"])
+        assert torch.allclose(got_u, ref_u, atol=1e-4, rtol=0)
+        assert emitted == [int(x) for x in got.argmax(-1)]
+        assert r["token_ids"] == [t for t in emitted if t not in hyb.eos_ids]
+        assert r["finished"] == (emitted[-1] in hyb.eos_ids)
+        for step in range(n):
+            pooled = rec["pooled"][step]
+            if pooled is None:
+                assert granularity == "sentence"
+                continue
+            at_start = rec["at_start"][step]
+            ref_start, _, _ = reference_current(lm.tokenizer, emitted[:step])
+            assert at_start == ref_start
+            ref_p = pooled_reference(lm, tp, emitted, step, at_start, rec["thinking_greedy"][step])
+            assert torch.allclose(pooled, ref_p, atol=1e-4, rtol=0), (step, (pooled - ref_p).abs().max())
+            n_pooled += 1
+            n_draft += at_start
+    if stop:
+        assert len({len(r["record"]["emitted"]) for r in res}) > 1
+    assert n_draft >= 3  # drafts at sentence starts were checked; in token mode also running means
+    assert n_pooled > n_draft if granularity == "token" else n_pooled == n_draft
+
+
+def test_golden_candidate_mode(lm, sae, vectors):
+    """Candidate mode: each candidate's logits at each step equal an uncached recomputation with the chosen
+    history; the choice is the thinking model's favourite; the cache keeps only the chosen candidate."""
+    vecs, bias = vectors
+    n_steps = 10
+    coefs = [0.0, 2.0, 6.0]
+    hyb = make(lm, lm, sae, vecs, bias, candidate_mode=True, coefficients=coefs, unsteered_candidate=True,
+               granularity="token", max_new_tokens=n_steps, threshold=-1e9)
+    prompts = [hyb.prompts(q) for q in QUESTIONS]
+    sched = [[(i % 5, 0.0)] * n_steps for i in range(3)]
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], schedule=sched, record=True)
+    hyb.eos_ids = {lm.tokenizer.eos_token_id, res[1]["record"]["emitted"][4]}  # rows finish at different steps
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], schedule=sched, record=True)
+    reranked = 0
+    for (bp, tp), r, plan in zip(prompts, res, sched):
+        rec = r["record"]
+        emitted = rec["emitted"]
+        history = []
+        for step in range(len(emitted)):
+            b = plan[step][0]
+            cand_deltas = [c * vecs[b] + bias for c in coefs] + [torch.zeros(D)]
+            with torch.no_grad():
+                think_logp = torch.log_softmax(lm.model(input_ids=torch.tensor([tp + emitted[:step]])).logits[0, -1],
+                                               -1)
+            best, chosen = None, None
+            for k, d in enumerate(cand_deltas):
+                ref = base_reference_logits(lm, bp, emitted[:step], history + [d])[-1]
+                assert torch.allclose(rec["candidate_logits"][step][k], ref, atol=1e-4, rtol=0), (step, k)
+                tok = int(ref.argmax())
+                assert rec["candidates"][step][k] == tok
+                if best is None or think_logp[tok] > best:
+                    best, chosen = think_logp[tok], k
+            assert emitted[step] == rec["candidates"][step][chosen]
+            reranked += chosen != 0
+            history.append(cand_deltas[chosen])
+    assert reranked > 0
+    assert any(r["finished"] for r in res) and len({r["n_steps"] for r in res}) > 1
+
+
+def test_steering_off_equals_plain_greedy(lm, sae):
+    """No vectors, no bias: identical to HF greedy generation, across batches; per-row eos stopping and dropping
+    finished rows from the batch (eos set to '.' so rows stop at different steps)."""
+    hyb = make(lm, lm, sae, {}, None, max_new_tokens=30, batch_size=2)
+    questions = QUESTIONS + ["A bird sang"]
+    res = hyb.generate(questions)
+    assert [r["token_ids"] for r in res] == plain_greedy(lm, questions, 30)
+    assert all(r["steered_fraction"] == 0 and r["changed_fraction"] == 0 for r in res)
+    assert [r["question"] for r in res] == questions
+    dot = lm.tokenizer.convert_tokens_to_ids(".")
+    hyb.eos_ids = {dot}
+    res = hyb.generate(questions)
+    ref = plain_greedy(lm, questions, 30, eos_id=dot)
+    assert [r["token_ids"] for r in res] == ref
+    assert len({len(x) for x in ref}) > 1 and any(r["finished"] for r in res)
+    assert all(r["finished"] == (r["n_steps"] == r["n_tokens"] + 1) for r in res)
+
+
+def test_threshold_above_every_activation_is_steering_off(lm, lm2, sae, vectors):
+    vecs, _ = vectors
+    hyb = make(lm2, lm, sae, vecs, None, threshold=1e9, max_new_tokens=30, granularity="token")
+    res = hyb.generate(QUESTIONS)
+    assert [r["token_ids"] for r in res] == plain_greedy(lm, QUESTIONS, 30)
+    assert all(r["steered_fraction"] == 0 and r["behavior_counts"] == {} for r in res)
+    assert all(r["n_decisions"] == r["n_steps"] for r in res)
+
+
+def test_steering_changes_tokens_and_counts_them(lm, sae, vectors):
+    vecs, bias = vectors
+    big = {k: v * 20 for k, v in vecs.items()}
+    res = make(lm, lm, sae, big, bias, threshold=-1e9, max_new_tokens=30).generate(QUESTIONS)
+    plain = plain_greedy(lm, QUESTIONS, 30)
+    assert any(r["token_ids"] != p for r, p in zip(res, plain))
+    for r in res:
+        assert 0 < r["steered_fraction"] <= 1 and r["changed_fraction"] > 0
+        assert sum(r["behavior_counts"].values()) == round(r["steered_fraction"] * r["n_steps"])
+        assert str(N_LATENTS - 1) not in r["behavior_counts"]  # no vector, never steered
+        assert r["bias_fraction"] == 1.0
+
+
+def test_bias_only_equals_zeroed_vectors(lm, sae, vectors):
+    vecs, bias = vectors
+    big_bias = bias * 30
+    a = make(lm, lm, sae, vecs, big_bias, control="bias_only", threshold=-1e9, max_new_tokens=30).generate(QUESTIONS)
+    zero = {k: torch.zeros(D) for k in vecs}
+    b = make(lm, lm, sae, zero, big_bias, threshold=-1e9, max_new_tokens=30).generate(QUESTIONS)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    assert all(r["steered_fraction"] == 0 and r["bias_fraction"] == 1 for r in a)
+    assert [r["token_ids"] for r in a] != plain_greedy(lm, QUESTIONS, 30)  # the bias itself does act
+
+
+def test_random_vectors_keep_norms(lm, sae, vectors):
+    vecs, bias = vectors
+    hyb = make(lm, lm, sae, vecs, bias, control="random_vectors", seed=3)
+    real = make(lm, lm, sae, vecs, bias)
+    for k, v in vecs.items():
+        assert torch.allclose(hyb.vectors[k].norm(), v.norm(), rtol=1e-5)
+        assert torch.cosine_similarity(hyb.vectors[k], v, dim=0) < 0.9
+    assert torch.equal(hyb.vectors[N_LATENTS - 1], torch.zeros(D))
+    assert torch.equal(hyb.bias, real.bias)
+    again = make(lm, lm, sae, vecs, bias, control="random_vectors", seed=3)
+    assert torch.equal(again.vectors, hyb.vectors)
+
+
+def test_random_behavior_is_seeded_and_batch_independent(lm, sae, vectors):
+    vecs, bias = vectors
+    kw = dict(control="random_behavior", seed=5, threshold=-1e9, granularity="token", max_new_tokens=20)
+    a = make(lm, lm, sae, vecs, bias, batch_size=3, **kw).generate_ids(*zip(*[make(lm, lm, sae, vecs, bias).prompts(q)
+                                                                              for q in QUESTIONS]), record=True)
+    b = make(lm, lm, sae, vecs, bias, batch_size=1, **kw).generate_ids(*zip(*[make(lm, lm, sae, vecs, bias).prompts(q)
+                                                                              for q in QUESTIONS]), record=True)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    used = {x for r in a for x in r["record"]["behavior"]}
+    assert used - {-1} <= set(vecs) and len(used - {-1}) >= 3  # only latents that have a vector, several of them
+    real = make(lm, lm, sae, vecs, bias, **{**kw, "control": "none"})
+    for r in a:  # the real decision at each step (its pooled activation is recorded): active exactly there
+        rec = r["record"]
+        decided, _ = real._decide([None] * len(rec["pooled"]), torch.stack(rec["pooled"]))
+        assert [b >= 0 for b in rec["behavior"]] == [int(b) >= 0 for b in decided]
+        assert sum(b >= 0 for b in rec["behavior"]) == round(r["steered_fraction"] * r["n_steps"])
+
+
+def test_oracle_substitutes_exactly_where_greedy_disagree(lm, lm2, sae, vectors):
+    vecs, bias = vectors
+    # Thinking = base with another prompt: they disagree often. Threshold 0 makes only some points active.
+    hyb = make(lm2, lm, sae, vecs, bias, control="oracle", threshold=0.0, granularity="token", max_new_tokens=30)
+    prompts = [hyb.prompts(q) for q in QUESTIONS]
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], record=True)
+    n_sub = 0
+    for (bp, _), r in zip(prompts, res):
+        rec = r["record"]
+        assert r["steered_fraction"] == 0 and r["bias_fraction"] == 0
+        for step, (e, g, u, beh) in enumerate(zip(rec["emitted"], rec["thinking_greedy"], rec["base_greedy"],
+                                                  rec["behavior"])):
+            assert e == (g if (beh >= 0 and g != u) else u)
+            n_sub += beh >= 0 and g != u
+        # the base is never steered: its logits are the unsteered ones
+        ref = base_reference_logits(lm, bp, rec["emitted"][:-1], [torch.zeros(D)] * len(rec["emitted"]))
+        assert torch.allclose(torch.stack(rec["step_logits"]), ref, atol=1e-4, rtol=0)
+        assert r["substituted_fraction"] == r["changed_fraction"]
+    assert n_sub > 0 and any(b < 0 for r in res for b in r["record"]["behavior"])
+
+
+def test_oracle_everywhere_is_thinking_greedy(lm, sae, vectors):
+    """Every step a decision point: the oracle is the thinking model decoding its own chat prompt greedily."""
+    vecs, bias = vectors
+    vecs = {**vecs, N_LATENTS - 1: torch.ones(D)}  # every latent has a vector: every step substitutes
+    hyb = make(lm, lm, sae, vecs, bias, control="oracle", threshold=float("-inf"), granularity="token",
+               max_new_tokens=25)
+    res = hyb.generate(QUESTIONS)
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    from sae_reasoning.models import thinking_prompt
+    enc = tok([thinking_prompt(tok, q) for q in QUESTIONS], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    out = lm.model.generate(**enc, max_new_tokens=25, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+           for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    assert [r["token_ids"] for r in res] == ref
+
+
+def test_unsteered_rerank_never_steers(lm, lm2, sae, vectors):
+    vecs, bias = vectors
+    hyb = make(lm2, lm, sae, vecs, bias, control="unsteered_rerank", threshold=-1e9, rerank_top_c=3,
+               max_new_tokens=25)
+    prompts = [hyb.prompts(q) for q in QUESTIONS]
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], record=True)
+    for (bp, tp), r in zip(prompts, res):
+        rec = r["record"]
+        assert r["steered_fraction"] == 0 and r["bias_fraction"] == 0
+        ref = base_reference_logits(lm, bp, rec["emitted"][:-1], [torch.zeros(D)] * len(rec["emitted"]))
+        assert torch.allclose(torch.stack(rec["step_logits"]), ref, atol=1e-4, rtol=0)
+        for step, e in enumerate(rec["emitted"]):
+            top = ref[step].topk(3).indices.tolist()
+            assert rec["candidates"][step] == top
+            if rec["behavior"][step] < 0:  # not a decision point (the latent has no vector): base greedy
+                assert e == top[0]
+                continue
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(input_ids=torch.tensor([tp + rec["emitted"][:step]])).logits[0, -1],
+                                         -1)
+            assert e == max(top, key=lambda t: (float(logp[t]), -top.index(t)))
+    assert sum(r["reranked_fraction"] for r in res) > 0
+
+
+def test_sentence_granularity_holds_one_behavior_per_sentence(lm, sae, vectors):
+    vecs, bias = vectors
+    hyb = make(lm, lm, sae, vecs, bias, granularity="sentence", threshold=-1e9, max_new_tokens=40)
+    prompts = [hyb.prompts(q) for q in QUESTIONS]
+    res = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts], record=True)
+    for r in res:
+        rec = r["record"]
+        stream = SentenceStream(lm.tokenizer)
+        by_cut = {}
+        for step, e in enumerate(rec["emitted"]):
+            cut, _, _ = stream.current()
+            by_cut.setdefault(cut, set()).add(rec["behavior"][step])
+            if e != lm.tokenizer.eos_token_id:
+                stream.append(e)
+        assert all(len(v) == 1 for v in by_cut.values())
+        assert r["n_decisions"] == len(by_cut) and r["n_drafts"] >= 1
+
+
+def test_mismatched_tokenizers_refused(lm, tmp_path, sae):
+    other = tmp_path / "other"
+    shutil.copytree(lm.source, other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    lm_other = load_model(str(other), dtype="float32", device="cpu")
+    with pytest.raises(HybridError) as err:
+        make(lm, lm_other, sae, {}, None)
+    msg = str(err.value)
+    assert "\n" not in msg and "tokenizer" in msg and "vocabulary" in msg
+    with pytest.raises(HybridError, match="retokenize_text=true is not implemented"):
+        make(lm, lm_other, sae, {}, None, retokenize_text=True)
+
+
+def test_config_and_validation(lm, sae, vectors):
+    from sae_reasoning.config import HybridConfig
+
+    vecs, bias = vectors
+    hyb = make(lm, lm, sae, vecs, bias, cfg=HybridConfig(granularity="token", max_new_tokens=7))
+    assert hyb.settings.granularity == "token" and hyb.settings.max_new_tokens == 24  # the override wins
+    with pytest.raises(HybridError, match="control"):
+        make(lm, lm, sae, vecs, bias, control="nope")
+    with pytest.raises(HybridError, match="latent 9"):
+        make(lm, lm, sae, {9: torch.zeros(D)}, None)
+    with pytest.raises(HybridError, match="d_model"):
+        make(lm, lm, sae, {0: torch.zeros(D + 1)}, None)
+    with pytest.raises(HybridError, match="steering_layer"):
+        HybridGenerator(lm, lm, sae, SAE_LAYER, {}, None, 7)
