@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 install: $(VENV)/.installed
 
+# The whole method on the built-in organism: SAE grid + taxonomy, steering vectors, then base / thinking / hybrid
+# (+ controls) on the organism's test split. Each stage resumes or reuses its cache when rerun.
+DEMO := outputs/demo
 demo: install
-	$(OFFLINE) $(PY) train.py hydra.run.dir=outputs/demo/train
+	$(OFFLINE) $(PY) train.py hydra.run.dir=$(DEMO)/train
+	$(OFFLINE) $(PY) steer.py train_dir=$(DEMO)/train hydra.run.dir=$(DEMO)/steer
+	$(OFFLINE) $(PY) eval.py train_dir=$(DEMO)/train steer_dir=$(DEMO)/steer hydra.run.dir=$(DEMO)/eval
 
 test: install
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest

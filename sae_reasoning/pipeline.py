@@ -81,6 +81,7 @@ def sentence_activations(cfg: Any, tracker: tracking.Tracker | None = None) -> A
                             min_words=cfg.data.min_words, dtype=cfg.data.activation_dtype,
                             label_fn=label_function(cfg), progress=cfg.progress, fingerprint=a_fp)
     store = ActivationStore(acts_dir)
+    store.traces_dir = traces_dir  # steer.py reads the traces behind the activations
     meta = store.meta
     counts = {"data/n_traces": meta["n_traces"], "data/n_sentences": meta["n_sentences"],
               "data/sentences_per_trace": meta["n_sentences"] / max(meta["n_traces"], 1)}
@@ -107,7 +108,46 @@ def train(cfg: Any, run_dir: Path) -> None:
 
 
 def steer(cfg: Any, run_dir: Path) -> None:
-    raise UserError("steer.py: steering-vector training is not implemented yet (issue 7)")
+    """One steering vector per behavior of the chosen taxonomy (+ a bias vector), on the base model."""
+    import json
+
+    from sae_reasoning.hybrid_stage import chosen_taxonomy
+    from sae_reasoning.models import load_pair
+    from sae_reasoning.sae import load_sae
+    from sae_reasoning.steering import train_steering
+
+    if cfg.train_dir is None:
+        raise UserError("steer.py needs train_dir=<a finished train.py run folder> (it reads taxonomy.json there)")
+    train_dir = resolve_path(cfg.train_dir)
+    taxonomy = chosen_taxonomy(train_dir)
+    grid = json.loads((train_dir / "grid.json").read_text())
+    store = ActivationStore(grid["activations"])
+    traces = list(iter_traces(grid["traces"]))
+    sae = load_sae(train_dir / taxonomy["checkpoint"])
+    thinking, base = load_pair(cfg.model)
+    layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
+    tracker = tracking.start(cfg, run_dir, "steer")
+    try:
+        meta = train_steering(base, traces, store.index(), store.load(taxonomy["layer"]), sae, layer=layer,
+                              out_dir=run_dir, model_id=cfg.model.base.path, cfg=cfg.steering,
+                              titles=taxonomy["titles"], thinking=thinking, sae_layer=taxonomy["layer"],
+                              seed=cfg.seed, tracker=tracker, progress=cfg.progress,
+                              extra_meta={"taxonomy": taxonomy["name"], "train_dir": str(train_dir)})
+    finally:
+        tracker.finish()
+    print_vectors(meta)
+
+
+def print_vectors(meta: dict) -> None:
+    """The steer.py table: one line per vector with its losses and causal hit rates."""
+    rows = meta.get("vectors", {})
+    print(f"\nsteering vectors at blocks.{meta.get('layer')}.hook_resid_post of {meta.get('model_id')}:")
+    for key, v in (rows.items() if isinstance(rows, dict) else enumerate(rows)):
+        hits = v.get("hit_rate")
+        hit = "" if hits is None else (f"  hit {hits:.2f} vs unsteered {v.get('hit_rate_unsteered', float('nan')):.2f}"
+                                       f" / random {v.get('hit_rate_random', float('nan')):.2f}")
+        print(f"  {key:<12} {v.get('title', '')[:28]:<28} norm {v.get('norm', float('nan')):7.2f}  val loss "
+              f"{v.get('val_loss_before', float('nan')):.3f} -> {v.get('val_loss_after', float('nan')):.3f}{hit}")
 
 
 def evaluate(cfg: Any, run_dir: Path) -> None:

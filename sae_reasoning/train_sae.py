@@ -102,7 +102,8 @@ def train_grid_stage(cfg: Any, store: ActivationStore, run_dir: Path, tracker: T
     table = comparison_table([], [*sae_rows_all, *baseline_rows])
     atomic_write_json(run_dir / "comparison.json", table)
     atomic_write_json(run_dir / "grid.json", {
-        "activations": str(store.folder), "activations_fingerprint": store.meta.get("fingerprint"),
+        "activations": str(store.folder), "traces": str(getattr(store, "traces_dir", "")),
+        "activations_fingerprint": store.meta.get("fingerprint"),
         "n_sentences": store.meta["n_sentences"], "has_labels": labels is not None,
         "grid": {"layers": sorted(cfg.model.sae_layers), "n_latents": list(gcfg.n_latents), "k": list(gcfg.ks),
                  "seeds": list(gcfg.seeds)}, "config_fingerprint": fingerprint(str(gcfg)), "saes": records})

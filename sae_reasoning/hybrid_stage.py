@@ -1,0 +1,59 @@
+"""Wiring of the hybrid generator for eval.py: the chosen taxonomy's SAE (train.py run) + the steering vectors
+(steer.py run) + the thinking/base pair, one `HybridGenerator` per method (the hybrid itself or a control)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sae_reasoning.config import resolve_path
+from sae_reasoning.errors import UserError
+from sae_reasoning.models import LoadedModel
+from sae_reasoning.sae import load_sae
+
+CONTROL_OF_METHOD = {"hybrid": "none", "bias_only": "bias_only", "random_behavior": "random_behavior",
+                     "random_vectors": "random_vectors", "oracle": "oracle", "unsteered_rerank": "unsteered_rerank"}
+
+
+def chosen_taxonomy(train_dir: str | Path) -> dict:
+    path = resolve_path(str(Path(train_dir) / "taxonomy.json"))
+    if path is None:
+        raise UserError(f"{train_dir}/taxonomy.json is missing: run train.py into that folder first (train_dir=...)")
+    try:
+        taxonomy = json.loads(path.read_text())
+        return {"name": taxonomy["chosen"], **taxonomy["taxonomy"]["info"],
+                "titles": {lat["latent"]: lat["title"] for lat in taxonomy["taxonomy"]["latents"]}}
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"{path} is not a valid taxonomy.json ({type(exc).__name__}: {exc}); rerun train.py") from None
+
+
+def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: str, budget: int):
+    """`fn(batch, batch_index) -> records` generating with the hybrid (or one of its controls)."""
+    from sae_reasoning.hybrid import HybridGenerator
+    from sae_reasoning.steering import load_vectors
+
+    taxonomy = chosen_taxonomy(cfg.train_dir)
+    sae = load_sae(Path(resolve_path(cfg.train_dir)) / taxonomy["checkpoint"])
+    layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
+    vectors = load_vectors(resolve_path(cfg.steer_dir), model_id=cfg.model.base.path, layer=layer,
+                           d_model=base.d_model)
+    overrides: dict[str, Any] = {"control": CONTROL_OF_METHOD[method], "seed": cfg.seed, "max_new_tokens": budget,
+                                 "progress": False}
+    if method == "unsteered_rerank":
+        overrides["candidate_mode"] = True
+    generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], vectors.vectors, vectors.bias,
+                                vectors.layer, cfg.hybrid, **overrides)
+
+    def fn(batch, _batch_index):
+        records = []
+        for r in generator.generate(batch):
+            records.append({"completion": r["text"], "completion_ids": r["token_ids"], "n_new_tokens": r["n_tokens"],
+                            "truncated": r["truncated"], **{k: r.get(k) for k in (
+                                "steered_fraction", "changed_fraction", "disagreement_rate", "bias_fraction",
+                                "substituted_fraction", "reranked_fraction", "n_decisions")},
+                            "behavior_counts": {f"{int(k)} {taxonomy['titles'].get(int(k), '')}".strip(): v
+                                                for k, v in (r.get("behavior_counts") or {}).items()}})
+        return records
+
+    return fn
