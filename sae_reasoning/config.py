@@ -82,6 +82,7 @@ class SAEConfig:
     patience: int = 10
     val_fraction: float = 0.1
     lr_scale: float = 2e-4  # lr = lr_scale / sqrt(n_latents / 2**14)  (METHOD.md)
+    init: str = "data"  # data: encoder from spherical k-means centres of the vectors | random (uniform)
     baselines: bool = True
 
 
@@ -272,6 +273,7 @@ def validate(cfg: Any) -> None:
     _positive(s.max_epochs, "sae.max_epochs")
     _positive(s.patience, "sae.patience")
     _positive(s.lr_scale, "sae.lr_scale")
+    _choice(s.init, "sae.init", ("data", "random"))
     if not 0 < s.val_fraction < 1:
         raise ConfigError(f"sae.val_fraction={s.val_fraction}: must be in (0, 1)")
 

@@ -79,17 +79,50 @@ def lr_for(n_latents: int, base_lr: float = 2e-4, ref_latents: int = 2**14) -> f
     return base_lr / math.sqrt(n_latents / ref_latents)
 
 
-def init_params(d_in: int, n_latents: int, seed: int) -> dict[str, Tensor]:
-    """Initial parameters of one SAE, a function of (d_in, n_latents, seed) only.
+def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None) -> dict[str, Tensor]:
+    """Initial parameters of one SAE, a function of (d_in, n_latents, seed) and, for the data init, `x_n`.
 
-    W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify); W_dec = W_enc.T with unit rows;
-    biases zero (the inputs are centred already).
+    Random init (x_n None): W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify).
+    Data init (x_n = normalised training vectors): the encoder's columns are spherical k-means centres (k-means++
+    seeds from x_n, 10 Lloyd rounds), so each latent starts as one sentence cluster's direction (on unit vectors
+    the pre-activations are then cosines and the argmax is the nearest centre). A random init often leaves the argmax assignment in a poor local minimum
+    (several behaviors sharing a latent while others split); this one starts where spherical k-means would.
+    Either way W_dec = W_enc.T with unit rows (decoder initialised from the encoder) and the biases are zero.
     """
     gen = torch.Generator().manual_seed(seed)
-    W_enc = (torch.rand(d_in, n_latents, generator=gen) * 2 - 1) / math.sqrt(d_in)  # [d_in, L]
+    if x_n is None:
+        W_enc = (torch.rand(d_in, n_latents, generator=gen) * 2 - 1) / math.sqrt(d_in)  # [d_in, L]
+    else:
+        W_enc = kmeanspp_seeds(x_n, n_latents, seed).T.contiguous()  # [d_in, L], unit columns
     W_dec = W_enc.T.clone()
     W_dec /= W_dec.norm(dim=-1, keepdim=True)  # [L, d_in]
     return {"W_enc": W_enc, "b_enc": torch.zeros(n_latents), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+
+
+def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd_iters: int = 10) -> Tensor:
+    """`n` unit directions from `x_n` [N, d]: k-means++ (D^2 sampling) on a seeded subsample, then `lloyd_iters`
+    rounds of spherical k-means; [n, d] float32."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x_n.float().cpu()
+    if len(x) > max_rows:
+        x = x[torch.randperm(len(x), generator=gen)[:max_rows]]
+    if len(x) < n:
+        raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
+    centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+    d2 = (x - centres[0]).pow(2).sum(1)
+    for _ in range(1, n):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
+        centres.append(x[torch.multinomial(probs, 1, generator=gen)].squeeze(0))
+        d2 = torch.minimum(d2, (x - centres[-1]).pow(2).sum(1))
+    c = torch.stack(centres)
+    c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    for _ in range(lloyd_iters):  # spherical k-means refinement: assign by cosine, centre = normalised member sum
+        assign = (x @ c.T).argmax(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = sums.norm(dim=-1) == 0
+        sums[empty] = c[empty]  # an empty cluster keeps its seed
+        c = sums / sums.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return c
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,6 +379,7 @@ class GridConfig:
     adam_eps: float = 1e-8
     device: str = "cpu"
     eval_elements: int = 2**25  # rows per eval chunk = eval_elements // (S * d_in): bounds eval memory
+    init: str = "data"  # "data": k-means++ seeds from the training vectors (see init_params) | "random"
     progress: bool = True
 
     def specs(self, layers: Sequence[int]) -> list[SAESpec]:
@@ -403,8 +437,14 @@ def _train_layer(
         if not 1 <= sp.k <= sp.n_latents:
             raise ValueError(f"{sp.name}: need 1 <= k <= n_latents")
 
+    if cfg.init not in ("data", "random"):
+        raise ValueError(f"GridConfig.init={cfg.init!r}: choose 'data' or 'random'")
+    x_init = None
+    if cfg.init == "data":  # one seeded subsample per layer, shared by every SAE (grid == one at a time)
+        sub = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.data_seed))]
+        x_init = normalise(read_rows(x, sub[:20_000].sort().values, "cpu"), norm_mean.cpu())
     stack = _Stack.build(
-        [init_params(d_in, sp.n_latents, sp.seed) for sp in specs],
+        [init_params(d_in, sp.n_latents, sp.seed, x_init) for sp in specs],
         [sp.k for sp in specs],
         [lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents) for sp in specs],
         device,

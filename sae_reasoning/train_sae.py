@@ -31,7 +31,7 @@ def grid_config(cfg: Any) -> GridConfig:
     return GridConfig(n_latents=tuple(as_int_list(s.n_latents, "sae.n_latents")), ks=tuple(as_int_list(s.k, "sae.k")),
                       seeds=tuple(as_int_list(s.seeds, "sae.seeds")), batch_size=s.batch_size,
                       max_epochs=s.max_epochs, patience=s.patience, val_frac=s.val_fraction, data_seed=cfg.seed,
-                      base_lr=s.lr_scale, device=str(device), progress=cfg.progress)
+                      base_lr=s.lr_scale, init=s.init, device=str(device), progress=cfg.progress)
 
 
 def _log_history(tracker: Tracker, trained: list[TrainedSAE]) -> None:
@@ -90,8 +90,9 @@ def train_grid_stage(cfg: Any, store: ActivationStore, run_dir: Path, tracker: T
         _log_history(tracker, trained)
         layer_baselines = []
         if cfg.sae.baselines:
+            # one seed: the baselines are a reference point, and Ward / GMM are the slowest part of the stage
             layer_baselines = run_baselines(x, n_clusters=gcfg.n_latents, methods=BASELINE_METHODS,
-                                            seeds=gcfg.seeds, labels=labels, val_frac=gcfg.val_frac,
+                                            seeds=gcfg.seeds[:1], labels=labels, val_frac=gcfg.val_frac,
                                             data_seed=gcfg.data_seed, layer=layer, progress=cfg.progress)
         layer_sae_rows = sae_rows(trained)
         atomic_write_json(done, {"records": layer_records, "sae_rows": layer_sae_rows, "baselines": layer_baselines})
