@@ -125,6 +125,8 @@ class HybridConfig:
     max_new_tokens: int = 512
     batch_size: int = 16
     retokenize_text: bool = False
+    draft: str = "sentence"  # sentence start: classify the thinking model's draft of its whole next sentence
+    draft_max_tokens: int = 64
 
 
 @dataclass
@@ -299,6 +301,8 @@ def validate(cfg: Any) -> None:
     _positive(h.threshold, "hybrid.threshold", allow_zero=True)
     _positive(h.max_new_tokens, "hybrid.max_new_tokens")
     _positive(h.batch_size, "hybrid.batch_size")
+    _choice(h.draft, "hybrid.draft", ("sentence", "token"))
+    _positive(h.draft_max_tokens, "hybrid.draft_max_tokens")
     if h.candidate_mode and not list(h.coefficients):
         raise ConfigError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
 

@@ -136,6 +136,9 @@ class HybridSettings:
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
     bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
     track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
+    draft: str = "sentence"  # at a sentence start: pool the thinking model's greedy draft of the whole next
+    #                          sentence ("sentence", pooled exactly as the SAE was trained) or of its first token
+    draft_max_tokens: int = 64
     progress: bool = True
 
     @classmethod
@@ -166,6 +169,8 @@ class HybridSettings:
             raise HybridError("hybrid.max_new_tokens and hybrid.batch_size must be >= 1")
         if self.candidate_mode and not self.coefficients:
             raise HybridError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
+        if self.draft not in ("sentence", "token"):
+            raise HybridError(f"hybrid.draft={self.draft!r}: must be 'sentence' or 'token'")
         if self.rerank_top_c is not None and self.rerank_top_c < 1:
             raise HybridError(f"hybrid.rerank_top_c={self.rerank_top_c}: must be >= 1")
 
@@ -487,6 +492,48 @@ class HybridGenerator:
         finally:
             self._mode = None
 
+    def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any) -> Tensor:
+        """Mean block-`sae_layer` output over the thinking model's greedy draft of its next sentence, [A, d].
+
+        Starting from `first` (its greedy next token), the thinking model writes on greedily until its own sentence
+        splitter sees the sentence end (or eos, or draft_max_tokens); the draft is pooled exactly as the SAE's
+        training sentences were (mean over the sentence's tokens) and the cache is cropped back, so the draft only
+        names the next behavior: the emitted tokens still come from the base. A premature cut (a "3." that a later
+        "14" would retract) ends the draft early; that only shortens the pooled span.
+        """
+        A = first.shape[0]
+        length = tcache.get_seq_length()
+        streams = [SentenceStream(self.thinking.tokenizer) for _ in range(A)]
+        hs: list[list[Tensor]] = [[] for _ in range(A)]
+        pooled: list[Tensor | None] = [None] * A
+        tok, mask = first, tmask
+        for i in range(self.settings.draft_max_tokens):
+            mask = torch.cat([mask, mask.new_ones(A, 1)], 1)
+            self._captured = None
+            logits = self._forward(self.thinking, "think", tok[:, None], mask, (tpos + i)[:, None], tcache,
+                                   logits_to_keep=1)
+            h = self._captured.float()  # [A, d]
+            for a, t in enumerate(tok.tolist()):
+                if pooled[a] is not None:
+                    continue
+                if t in self.eos_ids:
+                    pooled[a] = torch.stack(hs[a]).mean(0) if hs[a] else h[a]
+                    continue
+                st = streams[a]
+                st.append(t)
+                hs[a].append(h[a])
+                cut = st.current()[0]
+                if cut > 0:  # the draft's first sentence ended: its members start before the cut
+                    members = [x for j, x in enumerate(hs[a]) if (st.ends[j - 1] if j else 0) < cut]
+                    pooled[a] = torch.stack(members or hs[a][:1]).mean(0)
+            if all(p is not None for p in pooled):
+                break
+            tok = logits[:, -1].argmax(-1)
+        drafted = tcache.get_seq_length() - length
+        for layer in tcache.layers:  # transformers 5.23: a layer's crop takes -(tokens to remove)
+            layer.crop(-drafted)
+        return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
+
     def _decide(self, rows: list[_Row], pooled: Tensor) -> tuple[Tensor, Tensor]:
         """Pooled raw activations [n, d] -> (behavior [n], value [n]); behavior -1 = none."""
         pre = self.sae.pre_acts(self.sae.normalise(pooled.float()))
@@ -552,12 +599,15 @@ class HybridGenerator:
                 starts = [first == end for (_, first, end) in state]
                 draft_h = None
                 if any(n and st for n, st in zip(need, starts)):
-                    self._captured = None
-                    self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
-                                  tpos[:, None], tcache)
-                    draft_h = self._captured  # [A, d]
-                    for layer in tcache.layers[: self.sae_layer + 1]:
-                        layer.crop(-1)
+                    if s.draft == "sentence":
+                        draft_h = self._draft_sentence(g, tmask, tpos, tcache)
+                    else:
+                        self._captured = None
+                        self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
+                                      tpos[:, None], tcache)
+                        draft_h = self._captured  # [A, d]
+                        for layer in tcache.layers[: self.sae_layer + 1]:
+                            layer.crop(-1)
                 pooled_rows, pooled = [], []
                 for a, (r, n, st, (cut, first, end)) in enumerate(zip(arows, need, starts, state)):
                     if not n:

@@ -131,7 +131,7 @@ def steer(cfg: Any, run_dir: Path) -> None:
         meta = train_steering(base, traces, store.index(), store.load(taxonomy["layer"]), sae, layer=layer,
                               out_dir=run_dir, model_id=cfg.model.base.path, cfg=cfg.steering,
                               titles=taxonomy["titles"], thinking=thinking, sae_layer=taxonomy["layer"],
-                              seed=cfg.seed, tracker=tracker, progress=cfg.progress,
+                              seed=cfg.seed, tracker=tracker, progress=cfg.progress, label_fn=label_function(cfg),
                               extra_meta={"taxonomy": taxonomy["name"], "train_dir": str(train_dir)})
     finally:
         tracker.finish()
@@ -139,15 +139,17 @@ def steer(cfg: Any, run_dir: Path) -> None:
 
 
 def print_vectors(meta: dict) -> None:
-    """The steer.py table: one line per vector with its losses and causal hit rates."""
-    rows = meta.get("vectors", {})
-    print(f"\nsteering vectors at blocks.{meta.get('layer')}.hook_resid_post of {meta.get('model_id')}:")
-    for key, v in (rows.items() if isinstance(rows, dict) else enumerate(rows)):
-        hits = v.get("hit_rate")
-        hit = "" if hits is None else (f"  hit {hits:.2f} vs unsteered {v.get('hit_rate_unsteered', float('nan')):.2f}"
-                                       f" / random {v.get('hit_rate_random', float('nan')):.2f}")
-        print(f"  {key:<12} {v.get('title', '')[:28]:<28} norm {v.get('norm', float('nan')):7.2f}  val loss "
-              f"{v.get('val_loss_before', float('nan')):.3f} -> {v.get('val_loss_after', float('nan')):.3f}{hit}")
+    """The steer.py table: one line per vector with its validation loss and causal hit rates."""
+    print(f"\nsteering vectors at blocks.{meta['layer']}.hook_resid_post of {meta['model_id']}:")
+    print(f"  {'vector':<10} {'title':<28} {'norm':>7} {'val loss before -> after':>25}   hit rate: steered / "
+          "unsteered / random")
+    for key, v in meta["vectors"].items():
+        h = v.get("hit_rates") or {}
+        hit = "" if not h else f"   {h['steered']:.2f} / {h['unsteered']:.2f} / {h['random']:.2f} (n={h['n']})"
+        print(f"  {key:<10} {v['title'][:28]:<28} {v['norm']:7.2f} {v['val_loss_before']:12.4f} -> "
+              f"{v['val_loss_after']:.4f}{hit}")
+    for key, why in meta.get("skipped", {}).items():
+        print(f"  {key:<10} skipped: {why}")
 
 
 def evaluate(cfg: Any, run_dir: Path) -> None:
