@@ -112,6 +112,8 @@ class SteeringConfig:
     val_fraction: float = 0.2
     max_norm: Optional[float] = None
     objective: str = "ce"  # ce | kl
+    min_examples: int = 8  # behaviors with fewer usable examples get no vector (reported)
+    n_hit_examples: int = 64  # held-out contexts per behavior for the causal hit-rate check (0: skip it)
 
 
 @dataclass
@@ -290,8 +292,9 @@ def validate(cfg: Any) -> None:
     st = cfg.steering
     if st.layer is not None:
         _layer(st.layer, "steering.layer", m.base_n_layers or m.n_layers)
-    for name in ("lr", "max_epochs", "patience", "batch_size", "n_examples", "max_norm"):
+    for name in ("lr", "max_epochs", "patience", "batch_size", "n_examples", "max_norm", "min_examples"):
         _positive(getattr(st, name), f"steering.{name}")
+    _positive(st.n_hit_examples, "steering.n_hit_examples", allow_zero=True)
     if not 0 < st.val_fraction < 1:
         raise ConfigError(f"steering.val_fraction={st.val_fraction}: must be in (0, 1)")
     _choice(st.objective, "steering.objective", ("ce", "kl"))

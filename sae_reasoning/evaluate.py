@@ -10,6 +10,7 @@ Run folder layout:
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,10 +39,17 @@ BatchFn = Callable[[Sequence[Question], int], list[dict]]
 
 
 def run_sharded(folder: Path, questions: Sequence[Question], batch_size: int, fn: BatchFn, desc: str,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, key: str = "") -> list[dict]:
     """Apply `fn(batch, batch_index)` to fixed batches of questions; one JSONL shard per batch, written atomically,
-    so an interrupted run resumes with the missing batches only (no duplicated or lost problems)."""
+    so an interrupted run resumes with the missing batches only (no duplicated or lost problems). `key` fingerprints
+    everything the generations depend on: shards made under another key are stale and are regenerated."""
+    stamp = folder / "key.json"
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("key") != key):
+        if any(folder.glob("shard-*.jsonl")):
+            print(f"{desc}: {folder} holds generations of another configuration; regenerating them")
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"key": key, "batch_size": batch_size, "n_questions": len(questions)})
     batches = [questions[i: i + batch_size] for i in range(0, len(questions), batch_size)]
     todo = [b for b in range(len(batches)) if not (folder / f"shard-{b:05d}.jsonl").exists()]
     bar = tqdm(total=len(questions), initial=len(questions) - sum(len(batches[b]) for b in todo), desc=desc,

@@ -130,7 +130,9 @@ def steer(cfg: Any, run_dir: Path) -> None:
     try:
         meta = train_steering(base, traces, store.index(), store.load(taxonomy["layer"]), sae, layer=layer,
                               out_dir=run_dir, model_id=cfg.model.base.path, cfg=cfg.steering,
-                              titles=taxonomy["titles"], thinking=thinking, sae_layer=taxonomy["layer"],
+                              titles=taxonomy["titles"], thinking=thinking,
+                              sae_layer=taxonomy["layer"], min_examples=cfg.steering.min_examples,
+                              n_hit_examples=cfg.steering.n_hit_examples,
                               seed=cfg.seed, tracker=tracker, progress=cfg.progress, label_fn=label_function(cfg),
                               extra_meta={"taxonomy": taxonomy["name"], "train_dir": str(train_dir)})
     finally:
@@ -150,6 +152,14 @@ def print_vectors(meta: dict) -> None:
               f"{v['val_loss_after']:.4f}{hit}")
     for key, why in meta.get("skipped", {}).items():
         print(f"  {key:<10} skipped: {why}")
+
+
+def eval_inputs_fingerprint(cfg: Any, method: str) -> str:
+    """What a hybrid method's generations depend on beyond the config: the taxonomy and the vectors files."""
+    if method in ("base", "thinking"):
+        return ""
+    files = [Path(resolve_path(cfg.train_dir)) / "taxonomy.json", Path(resolve_path(cfg.steer_dir)) / "vectors.json"]
+    return fingerprint([f.read_text() for f in files if f.exists()])
 
 
 def evaluate(cfg: Any, run_dir: Path) -> None:
@@ -188,7 +198,11 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
                 from sae_reasoning.hybrid_stage import hybrid_batch_fn
 
                 fn = hybrid_batch_fn(cfg, thinking, base, method, budget)
-            records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress)
+            key = fingerprint({"method": method, "budget": budget, "questions": [q.id for q in questions],
+                               "model": cfg.model, "hybrid": cfg.hybrid, "steering_layer": cfg.steering.layer,
+                               "seed": cfg.seed, "inputs": eval_inputs_fingerprint(cfg, method)})
+            records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress,
+                                  key=key)
             results[method] = grade_records(records, questions)
         summary = summarise(results, e.n_bootstrap, cfg.seed)
         write_results(run_dir, results, summary)

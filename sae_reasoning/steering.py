@@ -910,7 +910,7 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
         rec = {"latent": latent, "title": titles.get(latent, ""), **record(tv, len(ex.train), len(ex.val)),
                "n_candidates": ex.n_candidates, "n_too_long": ex.n_too_long,
                "mean_activation": sum(e.activation for e in ex.train + ex.val) / (len(ex.train) + len(ex.val))}
-        if thinking is not None:
+        if thinking is not None and n_hit_examples > 0:
             hits = hit_rates(base, thinking, sae, sae_layer, ex.hit_contexts(n_hit_examples), tv.vector, latent, layer,
                              max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                              label_fn=label_fn, progress=progress)

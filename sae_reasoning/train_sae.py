@@ -72,8 +72,11 @@ def train_grid_stage(cfg: Any, store: ActivationStore, run_dir: Path, tracker: T
     records, sae_rows_all, baseline_rows = [], [], []
     for layer in sorted(cfg.model.sae_layers):
         done = run_dir / "saes" / f"layer{layer}.done.json"
-        if done.exists():  # resume: this layer finished before an interruption
-            saved = json.loads(done.read_text())
+        key = fingerprint({"grid": str(gcfg), "baselines": cfg.sae.baselines, "layer": layer,
+                           "activations": store.meta.get("fingerprint")})
+        saved = json.loads(done.read_text()) if done.exists() else None
+        if saved is not None and saved.get("key") == key:  # resume: this layer finished before an interruption
+
             records += saved["records"]
             sae_rows_all += saved["sae_rows"]
             baseline_rows += saved["baselines"]
@@ -95,7 +98,8 @@ def train_grid_stage(cfg: Any, store: ActivationStore, run_dir: Path, tracker: T
                                             seeds=gcfg.seeds[:1], labels=labels, val_frac=gcfg.val_frac,
                                             data_seed=gcfg.data_seed, layer=layer, progress=cfg.progress)
         layer_sae_rows = sae_rows(trained)
-        atomic_write_json(done, {"records": layer_records, "sae_rows": layer_sae_rows, "baselines": layer_baselines})
+        atomic_write_json(done, {"key": key, "records": layer_records, "sae_rows": layer_sae_rows,
+                                 "baselines": layer_baselines})
         records += layer_records
         sae_rows_all += layer_sae_rows
         baseline_rows += layer_baselines

@@ -104,11 +104,27 @@ def reference_current(tok, ids):
     return False, last.token_start, last.token_end
 
 
-def pooled_reference(lm, think_prompt, emitted, step, at_start, draft_token):
+def pooled_reference(lm, think_prompt, emitted, step, at_start, draft_token, draft="token", eos_ids=()):
     prefix = think_prompt + emitted[:step]
-    if at_start:
+    if at_start and draft == "token":
         h = capture_resid_post(lm.model, SAE_LAYER, input_ids=torch.tensor([prefix + [draft_token]]), use_cache=False)
         return h[0, -1]
+    if at_start:  # uncached greedy draft of the whole next sentence, mean over its member tokens
+        stream, draft_ids = SentenceStream(lm.tokenizer), [draft_token]
+        while True:
+            seq = torch.tensor([prefix + draft_ids])
+            h = capture_resid_post(lm.model, SAE_LAYER, input_ids=seq, use_cache=False)[0, len(prefix):]
+            if draft_ids[-1] in eos_ids:
+                return h[:-1].mean(0) if len(draft_ids) > 1 else h[0]
+            stream.append(draft_ids[-1])
+            cut = stream.current()[0]
+            if cut > 0:
+                members = [j for j in range(len(draft_ids)) if (stream.ends[j - 1] if j else 0) < cut]
+                return h[members].mean(0)
+            if len(draft_ids) == 64:
+                return h.mean(0)
+            with torch.no_grad():
+                draft_ids.append(int(lm.model(seq).logits[0, -1].argmax()))
     _, first, end = reference_current(lm.tokenizer, emitted[:step])
     h = capture_resid_post(lm.model, SAE_LAYER, input_ids=torch.tensor([prefix]), use_cache=False)[0]
     P = len(think_prompt)
@@ -155,14 +171,16 @@ def test_streaming_sentences_match_the_offline_splitter(lm):
     assert stream.text == text and stream.ends == sorted(stream.ends) and stream.ends[-1] == len(text)
 
 
-@pytest.mark.parametrize("granularity,stop", [("token", False), ("sentence", False), ("token", True)])
-def test_golden_cached_equals_uncached(lm, lm2, sae, vectors, granularity, stop):
+@pytest.mark.parametrize("granularity,stop,draft", [("token", False, "token"), ("sentence", False, "sentence"),
+                                                    ("token", True, "sentence"), ("token", False, "sentence")])
+def test_golden_cached_equals_uncached(lm, lm2, sae, vectors, granularity, stop, draft):
     """Fixed schedule, batch 3 with unequal prompts (left padding): every step's steered and unsteered base logits
     and every pooled activation equal an uncached recomputation. With `stop` as an extra eos, rows finish at
     different steps and are dropped from the batch mid-way."""
     vecs, bias = vectors
     n_steps = 20
-    hyb = make(lm2, lm, sae, vecs, bias, granularity=granularity, max_new_tokens=n_steps, threshold=-1e9)
+    hyb = make(lm2, lm, sae, vecs, bias, granularity=granularity, max_new_tokens=n_steps, threshold=-1e9,
+               draft=draft)
     prompts = [hyb.prompts(q) for q in QUESTIONS]
     assert len({len(b) for b, _ in prompts}) == 3
     sched = schedule_for(3, n_steps)
@@ -200,7 +218,8 @@ def test_golden_cached_equals_uncached(lm, lm2, sae, vectors, granularity, stop)
             at_start = rec["at_start"][step]
             ref_start, _, _ = reference_current(lm.tokenizer, emitted[:step])
             assert at_start == ref_start
-            ref_p = pooled_reference(lm, tp, emitted, step, at_start, rec["thinking_greedy"][step])
+            ref_p = pooled_reference(lm, tp, emitted, step, at_start, rec["thinking_greedy"][step], draft,
+                                     hyb.eos_ids)
             assert torch.allclose(pooled, ref_p, atol=1e-4, rtol=0), (step, (pooled - ref_p).abs().max())
             n_pooled += 1
             n_draft += at_start
