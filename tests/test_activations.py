@@ -7,6 +7,8 @@ from sae_reasoning.activations import ActivationStore, extract_activations, resi
 from sae_reasoning.errors import DataError
 from sae_reasoning.models import load_model
 
+from conftest import REPO
+
 TEXTS = [
     "Once upon a time, there was a girl. Wait, let me check. She had a ball; it was red. Wait, let me check. The end",
     "Tom ran to the park.\nHe saw a dog!\n\nThe dog was big. Was it happy? Yes, it was 3.5 times happier.",
@@ -104,3 +106,33 @@ def test_bad_inputs(stories, tmp_path):
     long = [{"id": "long", "prompt": "<think>\n", "completion": "A cat sat. " * 300}]
     with pytest.raises(DataError, match="more than the model's context"):
         extract_activations(stories, long, [0], tmp_path / "z", progress=False)
+
+
+ORGANISM = REPO / "sae_reasoning" / "organism" / "weights" / "thinking"
+
+
+def test_organism_traces_carry_planted_labels_and_match_hidden_states(tmp_path):
+    """On the organism: generated traces -> sentences -> activations; >= 99% of sentences carry their planted label,
+    every behavior occurs, and the vectors equal HF hidden states averaged by hand."""
+    from omegaconf import OmegaConf
+
+    from sae_reasoning.data import load_questions
+    from sae_reasoning.organism.corpus import BEHAVIORS, label_sentence
+    from sae_reasoning.traces import generate_traces, iter_traces
+
+    lm = load_model(str(ORGANISM), dtype="float32", device="cpu")
+    questions = load_questions(OmegaConf.create(dict(name="organism", source="generated", split="test", limit=48,
+                                                     seed=0)))
+    traces = list(iter_traces(generate_traces(lm, questions, tmp_path / "traces", batch_size=16,
+                                              max_new_tokens=200, progress=False)))
+    store = ActivationStore(extract_activations(lm, traces, [1, 2], tmp_path / "acts", batch_size=16,
+                                                label_fn=label_sentence, progress=False))
+    index = store.index()
+    labels = [r["label"] for r in index]
+    assert sum(label is not None for label in labels) / len(labels) >= 0.99
+    assert set(labels) - {None} == set(BEHAVIORS)
+    first = [r for r in index if r["trace_id"] in {t["id"] for t in traces[:8]}]
+    for layer in (1, 2):
+        want = torch.cat([independent_means(lm, t, [r for r in first if r["trace_id"] == t["id"]], layer)
+                          for t in traces[:8]])
+        assert torch.allclose(store.load(layer)[: len(want)], want, atol=1e-5)

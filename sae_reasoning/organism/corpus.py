@@ -1,0 +1,262 @@
+"""Typed reasoning sentences, thinking traces and the base corpus of the organism.
+
+Every sentence of a thinking trace carries its true behavior label. The placement of the behaviors is
+deterministic and depends on context (the *when* that the thinking model learns):
+
+- ``plan``      "Plan: there are 3 operations."                        once, at the start;
+- ``compute``   "Step: 37 + 48 = 85."                                  one per operation;
+- ``correct``   on an addition with a carry the trace first writes the carry-less slip
+                "Step: 37 + 48 = 75." (labelled ``compute``) and then
+                "Wait, I forgot the carry: 37 + 48 = 85.";
+- ``verify``    after a subtraction with a borrow, "Check: 66 + 19 = 85." (result + subtrahend = previous value);
+- ``conclude``  "So the answer is 92."                                 once, at the end.
+
+The base corpus contains every sentence type (it knows *how*) but mostly direct answers, so it does not
+know *when* (see /work/shared/ORGANISM-NOTES.md for the mix and its reasons).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass
+
+from sae_reasoning.prompts import base_prompt
+
+from .task import Problem, apply_op, sample_problem
+
+BEHAVIORS: tuple[str, ...] = ("plan", "compute", "verify", "correct", "conclude")
+
+#: characteristic (lower-case) words of each behavior's sentences
+BEHAVIOR_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "plan": ("plan", "operations", "operation", "there"),
+    "compute": ("step",),
+    "verify": ("check",),
+    "correct": ("wait", "forgot", "carry"),
+    "conclude": ("so", "answer"),
+}
+
+# Special tokens and chat format (the tokenizer's chat template renders exactly these strings).
+BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+USER_PREFIX, ASSISTANT_PREFIX = "User: ", "Assistant: "
+
+# Stable labels for the base-corpus document kinds.
+DOC_KINDS = ("direct", "full", "fragment", "paired")
+DEFAULT_BASE_MIX = {"direct": 0.42, "full": 0.18, "fragment": 0.10, "paired": 0.30}
+PAIRED_FULL_FRACTION = 0.30  # style of a paired document: full solutions with this probability
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    behavior: str
+
+
+# ---------------------------------------------------------------- sentences
+
+
+def plan_sentence(n_ops: int) -> Sentence:
+    body = "there is 1 operation" if n_ops == 1 else f"there are {n_ops} operations"
+    return Sentence(f"Plan: {body}.", "plan")
+
+
+def compute_sentence(a: int, op: str, b: int, result: int | None = None) -> Sentence:
+    result = apply_op(a, op, b) if result is None else result
+    return Sentence(f"Step: {a} {op} {b} = {result}.", "compute")
+
+
+def correct_sentence(a: int, b: int) -> Sentence:
+    return Sentence(f"Wait, I forgot the carry: {a} + {b} = {a + b}.", "correct")
+
+
+def verify_sentence(result: int, b: int) -> Sentence:
+    return Sentence(f"Check: {result} + {b} = {result + b}.", "verify")
+
+
+def conclude_sentence(answer: int) -> Sentence:
+    return Sentence(f"So the answer is {answer}.", "conclude")
+
+
+def has_carry(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def has_borrow(a: int, b: int) -> bool:
+    return a % 10 < b % 10
+
+
+def carryless_sum(a: int, b: int) -> int:
+    """Digit-wise sum mod 10 (the planted slip): 37 + 48 -> 75."""
+    return ((a // 10 + b // 10) % 10) * 10 + (a + b) % 10
+
+
+def trace_sentences(problem: Problem) -> list[Sentence]:
+    """The thinking trace of ``problem`` as typed sentences (ground-truth behavior labels)."""
+    out = [plan_sentence(problem.n_ops)]
+    value = problem.operands[0]
+    for op, b in zip(problem.ops, problem.operands[1:]):
+        result = apply_op(value, op, b)
+        if op == "+" and has_carry(value, b):
+            out.append(compute_sentence(value, op, b, carryless_sum(value, b)))
+            out.append(correct_sentence(value, b))
+        else:
+            out.append(compute_sentence(value, op, b, result))
+            if op == "-" and has_borrow(value, b):
+                out.append(verify_sentence(result, b))
+        value = result
+    assert value == problem.answer
+    out.append(conclude_sentence(problem.answer))
+    return out
+
+
+def label_sentence(text: str) -> str | None:
+    """Ground-truth behavior of ONE sentence, by its form (its first keyword); ``None`` if unknown."""
+    t = text.strip().lower()
+    m = re.match(r"[a-z]+", t)
+    if not m:
+        return None
+    first = m.group(0)
+    if first == "plan":
+        return "plan"
+    if first == "step":
+        return "compute"
+    if first == "check":
+        return "verify"
+    if first == "wait":
+        return "correct"
+    if first == "so" and "answer" in t:
+        return "conclude"
+    return None
+
+
+# ---------------------------------------------------------------- thinking documents
+
+
+def chat_prompt(question: str) -> str:
+    """What the tokenizer's chat template renders for one user turn with ``add_generation_prompt=True``."""
+    return f"{BOS}{USER_PREFIX}{question}\n{ASSISTANT_PREFIX}{THINK_OPEN}\n"
+
+
+def final_answer(answer: int) -> str:
+    return f"The answer is {answer}."
+
+
+def thinking_text(problem: Problem) -> str:
+    """The text between ``<think>\\n`` and ``\\n</think>``: the sentences joined by single spaces."""
+    return " ".join(s.text for s in trace_sentences(problem))
+
+
+def thinking_response(problem: Problem) -> str:
+    """What the thinking model generates after the chat prompt (without the eos token)."""
+    return f"{thinking_text(problem)}\n{THINK_CLOSE}\n{final_answer(problem.answer)}"
+
+
+def thinking_document(problem: Problem) -> tuple[str, str]:
+    """``(prompt, response)`` of a thinking training document; the response ends with the eos token."""
+    return chat_prompt(problem.question), thinking_response(problem) + EOS
+
+
+def labelled_trace(problem: Problem) -> dict:
+    """The thinking trace with every sentence's behavior and character span in ``thinking``."""
+    sents, spans, pos = trace_sentences(problem), [], 0
+    for s in sents:
+        spans.append({"text": s.text, "behavior": s.behavior, "start": pos, "end": pos + len(s.text)})
+        pos += len(s.text) + 1
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "answer": problem.answer,
+        "thinking": thinking_text(problem),
+        "response": thinking_response(problem),
+        "sentences": spans,
+    }
+
+
+# ---------------------------------------------------------------- base corpus
+
+
+def full_solution(problem: Problem) -> str:
+    return " ".join(s.text for s in trace_sentences(problem))
+
+
+def base_answer(problem: Problem, style: str) -> str:
+    """What follows the base prompt: a direct answer or a full solution (leading space included)."""
+    if style == "direct":
+        return " " + final_answer(problem.answer)
+    if style == "full":
+        return " " + full_solution(problem)
+    raise ValueError(style)
+
+
+def base_document(problem: Problem, style: str) -> str:
+    return base_prompt(problem.question) + base_answer(problem, style)
+
+
+def _random_step(rng: random.Random) -> tuple[int, str, int]:
+    while True:
+        a, op, b = rng.randint(0, 99), rng.choice("+-"), rng.randint(1, 99)
+        if 0 <= apply_op(a, op, b) <= 99:
+            return a, op, b
+
+
+def fragment_sentences(rng: random.Random) -> list[Sentence]:
+    """3-8 unrelated, internally correct sentences of every type (a slip only with its correction)."""
+    out: list[Sentence] = []
+    for _ in range(rng.randint(3, 8)):
+        kind = rng.choice(BEHAVIORS)
+        if kind == "plan":
+            out.append(plan_sentence(rng.randint(1, 4)))
+        elif kind == "compute":
+            out.append(compute_sentence(*_random_step(rng)))
+        elif kind == "verify":
+            while True:
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                if a >= b:
+                    break
+            out.append(verify_sentence(a - b, b))
+        elif kind == "correct":
+            while True:
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                if a + b <= 99 and has_carry(a, b):
+                    break
+            out.append(compute_sentence(a, "+", b, carryless_sum(a, b)))
+            out.append(correct_sentence(a, b))
+        else:
+            out.append(conclude_sentence(rng.randint(0, 99)))
+    return out
+
+
+def sample_base_document(rng: random.Random, problems: list[Problem], mix: dict | None = None) -> tuple[str, str]:
+    """``(kind, text)`` of one base-corpus document (without bos/eos)."""
+    mix = DEFAULT_BASE_MIX if mix is None else mix
+    kinds = list(mix)
+    kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
+    if kind in ("direct", "full"):
+        return kind, base_document(rng.choice(problems), kind)
+    if kind == "fragment":
+        return kind, " ".join(s.text for s in fragment_sentences(rng))
+    if kind == "paired":
+        style = "full" if rng.random() < PAIRED_FULL_FRACTION else "direct"
+        return kind, base_document(rng.choice(problems), style) + "\n" + base_document(rng.choice(problems), style)
+    raise ValueError(kind)
+
+
+def all_template_texts() -> list[str]:
+    """Texts covering every word form the corpus and prompts can produce (used to build the vocabulary)."""
+    from .task import make_problem
+
+    rng = random.Random(0)
+    texts = [chat_prompt("What is 1 + 2 - 3?") + "Plan:" + " " + THINK_CLOSE + "\n" + final_answer(0) + EOS]
+    for k in (1, 2, 3, 4):
+        p = sample_problem(rng, k)
+        texts.append(chat_prompt(p.question) + thinking_response(p) + EOS)
+        for style in ("direct", "full"):
+            texts.append(base_document(p, style))
+    texts.append(full_solution(make_problem([37, 48, 19], ["+", "-"])))
+    texts.append(" ".join(s.text for s in fragment_sentences(rng)))
+    return texts
+
+
+def sentence_dicts(problem: Problem) -> list[dict]:
+    return [asdict(s) for s in trace_sentences(problem)]

@@ -1,0 +1,309 @@
+"""Tests of the model organism (issue 3): task, tokenizer, labels, committed weights, training.
+
+Fast: the whole file runs in well under a minute on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from sae_reasoning.organism import BASE_DIR, METRICS_FILE, THINKING_DIR
+from sae_reasoning.organism.corpus import (
+    BEHAVIOR_KEYWORDS,
+    BEHAVIORS,
+    DEFAULT_BASE_MIX,
+    EOS,
+    chat_prompt,
+    fragment_sentences,
+    label_sentence,
+    labelled_trace,
+    sample_base_document,
+    thinking_document,
+    trace_sentences,
+)
+from sae_reasoning.organism.task import EVAL_OPS, TRAIN_OPS, make_problem, make_splits, parse_answer
+from sae_reasoning.prompts import base_prompt
+
+SPLITS = make_splits(seed=0, n_train=5000)
+
+
+# ---------------------------------------------------------------- task
+
+
+def test_answers_match_independent_evaluation():
+    for split, problems in SPLITS.items():
+        for p in problems:
+            expr = " ".join([str(p.operands[0])] + [f"{o} {b}" for o, b in zip(p.ops, p.operands[1:])])
+            assert eval(expr) == p.answer, (split, p)  # noqa: S307 - digits and +/- only
+            assert p.question == f"What is {expr}?"
+            assert all(1 <= b <= 99 for b in p.operands)
+            assert all(0 <= v <= 99 for v in p.running_values())
+
+
+def test_splits_sizes_ops_disjoint_and_deterministic():
+    train, val, test = SPLITS["train"], SPLITS["val"], SPLITS["test"]
+    assert len(test) >= 500 and len(val) > 0 and len(train) == 5000
+    assert {p.n_ops for p in test} == set(EVAL_OPS) and {p.n_ops for p in val} == set(EVAL_OPS)
+    assert {p.n_ops for p in train} == set(TRAIN_OPS)
+    tr, va, te = ({p.expression for p in s} for s in (train, val, test))
+    assert len(tr) == len(train) and len(va) == len(val) and len(te) == len(test)
+    assert not (tr & te) and not (tr & va) and not (va & te)
+    assert len({p.id for p in train + val + test}) == len(train) + len(val) + len(test)
+    again = make_splits(seed=0, n_train=10)
+    assert again["test"] == test and again["val"] == val  # eval splits do not depend on n_train
+    assert make_splits(seed=1, n_train=10)["test"] != test
+
+
+def test_parse_answer():
+    assert parse_answer("So the answer is 12.\n</think>\nThe answer is 92.") == 92
+    assert parse_answer("no number here") is None
+
+
+# ---------------------------------------------------------------- traces and labels
+
+
+def _split_sentences(text: str) -> list[str]:
+    """Independent sentence splitter for the organism's traces (after '.', then whitespace)."""
+    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
+
+
+def test_trace_placement_and_labels():
+    p = make_problem([37, 48, 19, 26], ["+", "-", "+"])
+    sents = trace_sentences(p)
+    assert [s.text for s in sents] == [
+        "Plan: there are 3 operations.",
+        "Step: 37 + 48 = 75.",
+        "Wait, I forgot the carry: 37 + 48 = 85.",
+        "Step: 85 - 19 = 66.",
+        "Check: 66 + 19 = 85.",
+        "Step: 66 + 26 = 82.",
+        "Wait, I forgot the carry: 66 + 26 = 92.",
+        "So the answer is 92.",
+    ]
+    assert [s.behavior for s in sents] == ["plan", "compute", "correct", "compute", "verify", "compute", "correct", "conclude"]
+    prompt, response = thinking_document(p)
+    assert prompt == chat_prompt(p.question) and prompt.endswith("<think>\n")
+    assert response.endswith("\n</think>\nThe answer is 92." + EOS)
+
+
+def test_label_sentence_recovers_every_ground_truth_label():
+    seen = set()
+    for p in SPLITS["test"]:
+        rec = labelled_trace(p)
+        pieces = _split_sentences(rec["thinking"])
+        assert pieces == [s["text"] for s in rec["sentences"]]
+        for s in rec["sentences"]:
+            assert rec["thinking"][s["start"] : s["end"]] == s["text"]
+            assert label_sentence(s["text"]) == s["behavior"]
+            words = set(re.findall(r"[a-z]+", s["text"].lower()))
+            assert words & set(BEHAVIOR_KEYWORDS[s["behavior"]])
+            seen.add(s["behavior"])
+    assert seen == set(BEHAVIORS)
+    for s in fragment_sentences(random.Random(0)):
+        assert label_sentence(s.text) == s.behavior
+    assert label_sentence("Hello there.") is None and label_sentence("") is None
+
+
+def test_base_corpus_mix_and_content():
+    rng = random.Random(0)
+    kinds = [sample_base_document(rng, SPLITS["train"]) for _ in range(3000)]
+    counts = {k: sum(kind == k for kind, _ in kinds) / len(kinds) for k in DEFAULT_BASE_MIX}
+    for k, share in DEFAULT_BASE_MIX.items():
+        assert abs(counts[k] - share) < 0.04, counts
+    text = "\n".join(t for _, t in kinds)
+    for word in ("Plan:", "Step:", "Check:", "Wait, I forgot the carry:", "So the answer is"):
+        assert word in text
+    for kind, t in kinds[:200]:
+        if kind in ("direct", "full"):
+            assert t.startswith(base_prompt(t.split("Question: ")[1].split("\n")[0]))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from sae_reasoning.organism.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_tokenizer_round_trip_and_digits(tok):
+    rng = random.Random(1)
+    texts = [sample_base_document(rng, SPLITS["train"])[1] for _ in range(300)]
+    texts += ["".join(thinking_document(p)) for p in SPLITS["test"][:100]]
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False)
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == t
+    pieces = tok.convert_ids_to_tokens(tok.encode("Step: 37 + 48 = 85.", add_special_tokens=False))
+    assert pieces == ["Step", ":", "▁3", "7", "▁+", "▁4", "8", "▁=", "▁8", "5", "."]
+
+
+def test_tokenizer_offsets(tok):
+    text = base_prompt("What is 37 + 48 - 19?") + " Plan: there are 2 operations. Step: 37 + 48 = 85."
+    enc = tok(text, return_offsets_mapping=True)
+    ids, offs = enc["input_ids"], enc["offset_mapping"]
+    assert ids[0] == tok.bos_token_id and tuple(offs[0]) == (0, 0)
+    for i, (s, e) in zip(ids[1:], offs[1:]):
+        assert text[s:e] == tok.convert_ids_to_tokens(i).replace("▁", " ")
+    assert "".join(text[s:e] for s, e in offs) == text
+
+
+def test_tokenizer_specials_chat_template_and_unknowns(tok):
+    q = "What is 3 + 4?"
+    rendered = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+    assert rendered == chat_prompt(q) == f"<bos>User: {q}\nAssistant: <think>\n"
+    ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == tok.encode(rendered, add_special_tokens=False) and ids.count(tok.bos_token_id) == 1
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(tok, name) is not None
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 4
+    vocab = tok.get_vocab()
+    for w in ("Task", "▁Answer", "▁the", "▁question", "▁below", "▁Explain", "▁your", "▁reasoning", "▁step", "▁by",
+              "Question", "▁answer", ":", "\n", "<think>", "</think>"):
+        assert w in vocab, w
+    ids = tok.encode("a zebra 12", add_special_tokens=False)
+    assert ids.count(tok.unk_token_id) == 1 and tok.decode(ids).endswith(" 12")
+
+
+# ---------------------------------------------------------------- committed weights
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for name, path in (("thinking", THINKING_DIR), ("base", BASE_DIR)):
+        for bad in ("llama", "gemma"):
+            assert bad not in str(path).lower()
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        model.eval()
+        out[name] = (model, AutoTokenizer.from_pretrained(str(path)))
+    return out
+
+
+def test_committed_weights_load_with_auto_classes(pair, tok):
+    for name, (model, t) in pair.items():
+        assert model.config.model_type == "llama" and model.config.num_hidden_layers == 4
+        assert sum(p.numel() for p in model.parameters()) < 2_000_000
+        text = "".join(thinking_document(SPLITS["test"][0]))
+        assert t.encode(text) == tok.encode(text)
+        assert t.chat_template == tok.chat_template
+        assert model.generation_config.eos_token_id == t.eos_token_id
+    metrics = json.loads(METRICS_FILE.read_text())
+    assert metrics["n"] >= 500
+    assert metrics["thinking"] >= 0.80 and metrics["base"] <= 0.40
+
+
+SAMPLE = random.Random(123).sample(SPLITS["test"], 100)
+
+
+@pytest.fixture(scope="module")
+def thinking_outputs(pair):
+    from sae_reasoning.organism.evaluate import evaluate_thinking
+
+    model, t = pair["thinking"]
+    return evaluate_thinking(model, t, SAMPLE, batch_size=50, return_outputs=True)
+
+
+def test_thinking_accuracy_target(thinking_outputs):
+    res, _ = thinking_outputs
+    # target 0.80 on >= 500 problems; on 100 a margin of ~2.5 standard errors
+    assert res["accuracy"] >= 0.70, res
+
+
+def test_base_accuracy_targets(pair):
+    from sae_reasoning.organism.evaluate import evaluate_base
+
+    model, t = pair["base"]
+    plain = evaluate_base(model, t, SAMPLE, batch_size=50)
+    assert plain["accuracy"] <= 0.50, plain
+    forced = evaluate_base(model, t, SAMPLE, prefix=" Plan:", batch_size=50)
+    assert forced["accuracy"] >= 0.45, forced  # it knows how
+    assert forced["accuracy"] >= plain["accuracy"] + 0.2
+
+
+def test_generated_traces_are_labelled_correctly(thinking_outputs):
+    _, outs = thinking_outputs
+    n_exact = 0
+    for p, out in zip(SAMPLE, outs):
+        assert out.count("</think>") == 1
+        thinking = out.split("</think>")[0].strip()
+        pieces = _split_sentences(thinking)
+        labels = [label_sentence(s) for s in pieces]
+        assert None not in labels, pieces
+        assert labels[0] == "plan" and labels[-1] == "conclude"
+        truth = trace_sentences(p)
+        if pieces == [s.text for s in truth]:
+            n_exact += 1
+            assert labels == [s.behavior for s in truth]
+    assert n_exact >= 60
+
+
+def test_batched_generation_matches_single(pair):
+    from sae_reasoning.organism.evaluate import generate, thinking_prompt_ids
+
+    model, t = pair["thinking"]
+    probs = SAMPLE[:4]
+    prompts = [thinking_prompt_ids(t, p.question) for p in probs]
+    batched = generate(model, t, prompts, max_new_tokens=60, batch_size=4)
+    single = [generate(model, t, [pr], max_new_tokens=60)[0] for pr in prompts]
+    assert batched == single
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_short_training_lowers_loss_and_saves(tmp_path, tok):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sae_reasoning.organism.train import IGNORE, ModelSpec, TrainConfig, pack_rows, save_model_dir, thinking_examples, train_model
+
+    ids, labels, stats = pack_rows(thinking_examples(tok, SPLITS["train"], 0), 4, 256, tok.pad_token_id)
+    assert stats["fill"] > 0.5 and (ids[:, 0] == tok.bos_token_id).all()
+    assert ((labels == IGNORE) | (labels == ids)).all()
+    first = tok.decode(ids[0])
+    assert first.startswith("<bos>User: What is ")
+    masked = tok.decode(ids[0][labels[0] == IGNORE][:30])
+    assert masked.startswith("<bos>User:") and "Plan" not in masked  # the prompt is masked, not the trace
+
+    spec = ModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    for kind in ("thinking", "base"):
+        cfg = TrainConfig(kind=kind, steps=30, batch_rows=8, seq_len=128, lr=3e-3, model=spec)
+        model, hist = train_model(tok, SPLITS["train"], cfg, progress=False, log_every=1)
+        first_loss = sum(h["loss"] for h in hist[:3]) / 3
+        last_loss = sum(h["loss"] for h in hist[-3:]) / 3
+        assert last_loss < first_loss - 1.0, (kind, first_loss, last_loss)  # from ~ln(vocab) = 5.4 nats
+    save_model_dir(model, tok, tmp_path / "base")
+    save_model_dir(model, tok, tmp_path / "base")  # overwrite atomically
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    x = torch.tensor([tok.encode("Step: 1 + 2 = 3.")])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "base")).encode("Step: 1 + 2 = 3.") == tok.encode("Step: 1 + 2 = 3.")
+
+
+def test_data_export_carries_labels(tmp_path):
+    from sae_reasoning.organism.data import export
+
+    paths = export(tmp_path, seed=0, splits=("val",))
+    rows = [json.loads(line) for line in paths["val"].read_text().splitlines()]
+    assert len(rows) == len(SPLITS["val"]) and rows[0]["id"] == SPLITS["val"][0].id
+    for r in rows[:50]:
+        assert [label_sentence(s["text"]) for s in r["sentences"]] == [s["behavior"] for s in r["sentences"]]
+        assert all(r["thinking"][s["start"] : s["end"]] == s["text"] for s in r["sentences"])
