@@ -147,6 +147,9 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
         means, records = _batch_means(lm, batches[b], layers, min_words, label_fn, max_positions)
         for layer in layers:
             tensor = means[layer].to(store_dtype).contiguous()
+            if not torch.isfinite(tensor).all():  # e.g. float16 overflows above 65504
+                raise DataError(f"activations at layer {layer} overflow data.activation_dtype={dtype}; use "
+                                "data.activation_dtype=float32 or bfloat16")
             path = folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")

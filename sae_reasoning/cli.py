@@ -99,6 +99,13 @@ def run_stage(stage: Callable[[Any, Path], Any], cfg: Any) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.progress:  # quiet means quiet: also transformers' / the hub's own bars (stderr = errors only)
+        import os
+
+        import transformers
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        transformers.utils.logging.disable_progress_bar()
     try:
         validate(cfg)
         return stage(cfg, run_dir)

@@ -206,6 +206,8 @@ def as_int_list(value: Any, name: str) -> list[int]:
 def _positive(value: Any, name: str, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if value != value:  # NaN compares false with everything, so it would pass both tests below
+        raise ConfigError(f"{name}=nan: give a number")
     if (value < 0) if allow_zero else (value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}={value}: must be {bound}")

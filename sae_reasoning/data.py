@@ -81,11 +81,16 @@ HUB_ARGS = {  # hub id -> (config name, split) defaults
 def read_jsonl_questions(path: Path, name: str) -> list[Question]:
     parse = PARSERS[name]
     questions = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as "
+                                "UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:

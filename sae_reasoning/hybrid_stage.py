@@ -28,13 +28,32 @@ def chosen_taxonomy(train_dir: str | Path) -> dict:
         raise UserError(f"{path} is not a valid taxonomy.json ({type(exc).__name__}: {exc}); rerun train.py") from None
 
 
+def load_chosen_sae(train_dir: str | Path, taxonomy: dict):
+    """The chosen SAE checkpoint; a missing or damaged one is one line, not a traceback."""
+    path = Path(resolve_path(str(train_dir))) / taxonomy["checkpoint"]
+    try:
+        return load_sae(path)
+    except Exception as exc:  # noqa: BLE001 - FileNotFoundError, JSONDecodeError, SafetensorError...: all "damaged"
+        raise UserError(f"{path}: the chosen SAE checkpoint is missing or corrupt ({type(exc).__name__}); rerun "
+                        "train.py into that folder") from None
+
+
+def read_grid(train_dir: str | Path) -> dict:
+    path = Path(resolve_path(str(train_dir))) / "grid.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is missing or not valid JSON ({type(exc).__name__}); rerun train.py into that "
+                        "folder") from None
+
+
 def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: str, budget: int):
     """`fn(batch, batch_index) -> records` generating with the hybrid (or one of its controls)."""
     from sae_reasoning.hybrid import HybridGenerator
     from sae_reasoning.steering import load_vectors
 
     taxonomy = chosen_taxonomy(cfg.train_dir)
-    sae = load_sae(Path(resolve_path(cfg.train_dir)) / taxonomy["checkpoint"])
+    sae = load_chosen_sae(cfg.train_dir, taxonomy)
     layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
     vectors = load_vectors(resolve_path(cfg.steer_dir), model_id=cfg.model.base.path, layer=layer,
                            d_model=base.d_model)
@@ -46,6 +65,10 @@ def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: 
                                 vectors.layer, cfg.hybrid, **overrides)
 
     def fn(batch, _batch_index):
+        from sae_reasoning.traces import check_context
+
+        for lm, idx in ((base, 0), (thinking, 1)):
+            check_context(lm, [len(generator.prompts(q.question)[idx]) for q in batch], [q.question for q in batch])
         records = []
         for r in generator.generate(batch):
             records.append({"completion": r["text"], "completion_ids": r["token_ids"], "n_new_tokens": r["n_tokens"],

@@ -109,21 +109,18 @@ def train(cfg: Any, run_dir: Path) -> None:
 
 def steer(cfg: Any, run_dir: Path) -> None:
     """One steering vector per behavior of the chosen taxonomy (+ a bias vector), on the base model."""
-    import json
-
-    from sae_reasoning.hybrid_stage import chosen_taxonomy
+    from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae, read_grid
     from sae_reasoning.models import load_pair
-    from sae_reasoning.sae import load_sae
     from sae_reasoning.steering import train_steering
 
     if cfg.train_dir is None:
         raise UserError("steer.py needs train_dir=<a finished train.py run folder> (it reads taxonomy.json there)")
     train_dir = resolve_path(cfg.train_dir)
     taxonomy = chosen_taxonomy(train_dir)
-    grid = json.loads((train_dir / "grid.json").read_text())
+    grid = read_grid(train_dir)
+    sae = load_chosen_sae(train_dir, taxonomy)
     store = ActivationStore(grid["activations"])
     traces = list(iter_traces(grid["traces"]))
-    sae = load_sae(train_dir / taxonomy["checkpoint"])
     thinking, base = load_pair(cfg.model)
     layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
     tracker = tracking.start(cfg, run_dir, "steer")

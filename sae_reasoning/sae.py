@@ -428,6 +428,11 @@ def _train_layer(
     if isinstance(x, Tensor):
         x = x.to(device)  # keep the storage dtype; batches are cast to float32
     d_in = x.shape[1]
+    for rows in _chunks(torch.arange(len(x)), 65536):  # NaN/inf would silently turn every FVU into NaN
+        bad = ~torch.isfinite(read_rows(x, rows, "cpu")).all(1)
+        if bad.any():
+            raise ValueError(f"{desc}: vector {int(rows[bad.nonzero()[0]])} is not finite (NaN or inf); "
+                             "recompute the activations in float32")
     norm_mean = mean_rows(x, train_idx, device)
     # Per-vector variance of the train split: batch loss = sum err / (B * var) is the batch's share of the
     # train-split FVU, so the loss is defined for any batch (a last batch of 1 has no variance of its own).

@@ -17,10 +17,21 @@ from tqdm.auto import tqdm
 
 from sae_reasoning.artifacts import atomic_write_text, is_complete, read_jsonl, write_meta
 from sae_reasoning.data import Question
+from sae_reasoning.errors import DataError
 from sae_reasoning.models import LoadedModel, thinking_prompt
 
 
 GenerateFn = Callable[[Sequence[str], int], list[dict]]
+
+
+def check_context(lm: LoadedModel, lengths: Sequence[int], prompts: Sequence[str]) -> None:
+    """A prompt that does not fit the model's context cannot be answered: say which, instead of generating garbage."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    for n, prompt in zip(lengths, prompts):
+        if limit is not None and n >= limit:
+            raise DataError(f"a prompt has {n} tokens but {lm.source} has a context of {limit} "
+                            f"({prompt[-60:]!r}); drop that question (data.limit / a filtered file) or use a "
+                            "longer-context model")
 
 
 def shard_path(folder: Path, batch_index: int) -> Path:
@@ -34,6 +45,7 @@ def generate_batch(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: i
     tok = lm.tokenizer
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    check_context(lm, [int(n) for n in enc["attention_mask"].sum(1)], prompts)
     sampling = temperature > 0
     torch.manual_seed(seed)
     out = lm.model.generate(
