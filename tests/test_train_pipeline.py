@@ -37,7 +37,8 @@ def test_train_writes_a_grid_of_loadable_saes(setup):
     run = root / "run"
     train(args, "sae.n_latents=[3,4]", f"hydra.run.dir={run}")
     grid = json.loads((run / "grid.json").read_text())
-    assert [(s["layer"], s["n_latents"]) for s in grid["saes"]] == [(1, 3), (1, 4), (3, 3), (3, 4)]
+    assert [(s["layer"], s["n_latents"], s["seed"]) for s in grid["saes"]] == [
+        (layer, n, seed) for layer in (1, 3) for n in (3, 4) for seed in (0, 1)]  # default: two seeds per size
     store = ActivationStore(grid["activations"])
     for rec in grid["saes"]:
         ckpt = run / rec["checkpoint"]
