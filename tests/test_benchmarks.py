@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/: every script runs end to end at toy sizes and prints one JSON object."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
+
+CASES = {
+    "bench_extractor": ["--quick", "--n-traces", "4", "--batch-sizes", "2"],
+    "bench_sae_grid": ["--quick", "--data", "synthetic", "--n-vectors", "600", "--sizes", "5,10", "--epochs", "1",
+                       "--layers", "1"],
+    "bench_steering": ["--quick", "--n-train", "4", "--n-val", "2", "--batch-size", "2"],
+    "bench_hybrid": ["--quick", "--tokens", "6", "--batches", "2", "--ref-checkpoints", "2", "--ref-live", "1",
+                     "--no-diag"],
+}
+
+
+def run_script(name, argv, monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--no-profile"])
+    spec = importlib.util.spec_from_file_location(f"_smoke_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main()
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_prints_one_json_object(name, monkeypatch, capsys):
+    result = run_script(name, CASES[name], monkeypatch, capsys)
+    assert result["machine"]["nproc"] >= 1 and result["versions"]["torch"]
+    if name == "bench_extractor":
+        assert all(c["equal"] for c in result["equality"].values())  # same means as the naive way
+        assert "met" in result["target"]
+    elif name == "bench_sae_grid":
+        assert len(result["fvu"]["rows"]) == 2 and "met" in result["target"]
+    elif name == "bench_steering":
+        assert set(result["examples_per_s"]) == {"batched_b2", "one_at_a_time_b1"}
+    else:
+        row = result["settings"][0]
+        assert row["tokens_generated"]["hybrid_sentence"] == row["tokens_generated"]["base_cached_loop"] == 12
+        assert row["greedy_agree_hf_vs_loop"]
+        assert {"hybrid_over_base", "hybrid_over_reference"} <= set(result["targets"])
