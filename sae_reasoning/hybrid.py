@@ -492,17 +492,20 @@ class HybridGenerator:
         finally:
             self._mode = None
 
-    def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any) -> Tensor:
+    def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any, rows: Tensor) -> Tensor:
         """Mean block-`sae_layer` output over the thinking model's greedy draft of its next sentence, [A, d].
 
         Starting from `first` (its greedy next token), the thinking model writes on greedily until its own sentence
         splitter sees the sentence end (or eos, or draft_max_tokens); the draft is pooled exactly as the SAE's
         training sentences were (mean over the sentence's tokens) and the cache is cropped back, so the draft only
         names the next behavior: the emitted tokens still come from the base. A premature cut (a "3." that a later
-        "14" would retract) ends the draft early; that only shortens the pooled span.
+        "14" would retract) ends the draft early; that only shortens the pooled span. Only `rows` (the batch rows at
+        a sentence start) draft, on their own copy of the cache, so the others cost nothing and nothing is rolled back.
         """
         A = first.shape[0]
-        length = tcache.get_seq_length()
+        tcache = copy.copy(tcache)
+        tcache.layers = [copy.copy(layer) for layer in tcache.layers]
+        tcache.batch_select_indices(rows)  # indexing makes new tensors: the shared cache is left untouched
         streams = [SentenceStream(self.thinking.tokenizer) for _ in range(A)]
         hs: list[list[Tensor]] = [[] for _ in range(A)]
         pooled: list[Tensor | None] = [None] * A
@@ -529,9 +532,6 @@ class HybridGenerator:
             if all(p is not None for p in pooled):
                 break
             tok = logits[:, -1].argmax(-1)
-        drafted = tcache.get_seq_length() - length
-        for layer in tcache.layers:  # transformers 5.23: a layer's crop takes -(tokens to remove)
-            layer.crop(-drafted)
         return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
 
     def _decide(self, rows: list[_Row], pooled: Tensor) -> tuple[Tensor, Tensor]:
@@ -600,7 +600,10 @@ class HybridGenerator:
                 draft_h = None
                 if any(n and st for n, st in zip(need, starts)):
                     if s.draft == "sentence":
-                        draft_h = self._draft_sentence(g, tmask, tpos, tcache)
+                        rows_d = [a for a, (n, st) in enumerate(zip(need, starts)) if n and st]
+                        sel = torch.tensor(rows_d, device=tdev)
+                        draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
+                        draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel)
                     else:
                         self._captured = None
                         self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
