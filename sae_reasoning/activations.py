@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from sae_reasoning.artifacts import atomic_write_text, is_complete, read_jsonl, read_meta, write_meta
 from sae_reasoning.errors import DataError
-from sae_reasoning.models import LoadedModel, TORCH_DTYPES, decoder_layers
+from sae_reasoning.models import LoadedModel, TORCH_DTYPES, decoder_layers, resid_post_hook_name
 from sae_reasoning.sentences import Sentence, attach_token_spans, split_sentences, thinking_span
 
 LabelFn = Callable[[str], "str | None"]
@@ -167,7 +167,7 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
     write_meta(folder, kind="activations", fingerprint=fingerprint, layers=layers, d_model=lm.d_model, dtype=dtype,
                n_traces=len(traces), n_sentences=len(index), n_labelled=labelled if label_fn else None,
                n_shards=len(batches), min_words=min_words, model=lm.source,
-               hook_names=[f"blocks.{layer}.hook_resid_post" for layer in layers])
+               hook_names=[resid_post_hook_name(layer) for layer in layers])
     return folder
 
 

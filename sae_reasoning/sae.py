@@ -64,8 +64,10 @@ NORMALISATION_DOC = (
 
 
 def hook_name(layer: int) -> str:
-    """TransformerLens name of the residual stream output of block `layer` (== HF hidden_states[layer + 1])."""
-    return f"blocks.{layer}.hook_resid_post"
+    """TransformerLens name of the residual stream output of block `layer` (the one definition is in models.py)."""
+    from sae_reasoning.models import resid_post_hook_name
+
+    return resid_post_hook_name(layer)
 
 
 def normalise(x: Tensor, norm_mean: Tensor, eps: float = NORM_EPS) -> Tensor:

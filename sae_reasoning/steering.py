@@ -84,7 +84,7 @@ from safetensors.torch import load_file, save as safetensors_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_reasoning.activations import resid_post
+from sae_reasoning.activations import resid_post, trace_text
 from sae_reasoning.artifacts import atomic_write_bytes, atomic_write_json
 from sae_reasoning.errors import UserError
 from sae_reasoning.hooks import add_to_resid_post, positions_delta
@@ -181,10 +181,6 @@ def tokenize_example(tokenizer: Any, context: str, target: str, bos: Sequence[in
     if len(bos) + first == 0:
         raise ValueError("the context has no token: nothing predicts the first target token")
     return bos + list(enc["input_ids"]), len(bos) + first, len(bos) + last + 1
-
-
-def trace_text(trace: Mapping) -> str:
-    return trace["prompt"] + trace["completion"]
 
 
 def sentence_example(trace: Mapping, char_start: int, char_end: int, tokenizer: Any, *, sentence_index=None,
