@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -384,6 +385,12 @@ def interpret_sae(name: str, texts: Sequence[str], codes: Tensor, assign: Tensor
                                                           "n_shown": len(m.sentences)}
         top = sorted(zip(m.activations[:m.n_top], m.sentences[:m.n_top]), key=lambda t: -t[0])[:10]
         entry["top_sentences"] = [[s, a_] for a_, s in top]
+        # random members: what a typical member looks like (the labeller's random half; for a small latent,
+        # shown whole, a seeded sample of the members beyond the top 10)
+        shown = list(zip(m.sentences, m.activations))
+        pool = shown[m.n_top:] or shown[10:] or shown
+        pick = sorted(random.Random(seed * 100_003 + m.latent).sample(range(len(pool)), min(10, len(pool))))
+        entry["random_sentences"] = [list(pool[i]) for i in pick]
         entry["metrics"] = dict(per_latent.get(m.latent, {}))
         if labels is not None and m.indices:
             truth = [labels[i] for i in m.indices if labels[i] is not None]
@@ -400,15 +407,18 @@ def interpret_sae(name: str, texts: Sequence[str], codes: Tensor, assign: Tensor
 # ------------------------------------------------------------------------------------------------ W&B
 
 
-LATENT_TABLE_COLUMNS = ["latent", "title", "description", "frequency", "count", "source", "metrics", "top_sentences"]
+LATENT_TABLE_COLUMNS = ["latent", "title", "description", "frequency", "count", "source", "metrics", "top_sentences",
+                        "random_sentences"]
 
 
 def wandb_latent_table_rows(result: dict, n_top: int = 5) -> tuple[list[str], list[list]]:
-    """`(columns, rows)` of one taxonomy's latent browser: per latent its label, frequency, metrics (JSON) and top
-    sentences with activations ("0.93  Check: 66 + 19 = 85.", one per line). The caller logs the table."""
+    """`(columns, rows)` of one taxonomy's latent browser: per latent its label, frequency, metrics (JSON), top
+    and random member sentences with activations ("0.93  Check: 66 + 19 = 85.", one per line). The caller logs
+    the table."""
     rows = []
     for lat in result["latents"]:
-        top = "\n".join(f"{act:.3f}  {s}" for s, act in lat["top_sentences"][:n_top])
+        top, rand = ("\n".join(f"{act:.3f}  {s}" for s, act in lat.get(key, [])[:n_top])
+                     for key in ("top_sentences", "random_sentences"))
         rows.append([lat["latent"], lat["title"], lat["description"], lat["frequency"], lat["count"], lat["source"],
-                     json.dumps(lat["metrics"], sort_keys=True), top])
+                     json.dumps(lat["metrics"], sort_keys=True), top, rand])
     return list(LATENT_TABLE_COLUMNS), rows

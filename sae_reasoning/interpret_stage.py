@@ -53,10 +53,13 @@ def interpret_grid(cfg: Any, store: ActivationStore, records: list[dict], run_di
         results.append(result)
     chosen = choose_taxonomy(results)
     write_taxonomy_json(run_dir / "taxonomy.json", chosen, results)
+    all_rows = []  # one latent browser for the whole grid: filter it by the "sae" column in W&B
     for result in results:
+        columns, rows = wandb_latent_table_rows(result)
+        all_rows += [[result["name"], *row] for row in rows]
         if result is chosen or result["name"] == chosen["name"]:
-            columns, rows = wandb_latent_table_rows(result)
             tracker.table("taxonomy/chosen_latents", columns, rows)
+    tracker.table("taxonomy/all_latents", ["sae", *columns], all_rows)
     columns = ["name", "layer", "n_latents", "k", "seed", "score", "score_kind", "nmi", "min_f1", "balance",
                "orthogonality", "stability_nmi"]
     tracker.table("taxonomy/scores", columns, [[r["name"], *[r["info"][k] for k in ("layer", "n_latents", "k", "seed")],

@@ -81,24 +81,52 @@ def lr_for(n_latents: int, base_lr: float = 2e-4, ref_latents: int = 2**14) -> f
     return base_lr / math.sqrt(n_latents / ref_latents)
 
 
-def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None) -> dict[str, Tensor]:
-    """Initial parameters of one SAE, a function of (d_in, n_latents, seed) and, for the data init, `x_n`.
+INITS = ("data", "spherical", "random")
 
-    Random init (x_n None): W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify).
-    Data init (x_n = normalised training vectors): the encoder's columns are spherical k-means centres (k-means++
-    seeds from x_n, 10 Lloyd rounds), so each latent starts as one sentence cluster's direction (on unit vectors
-    the pre-activations are then cosines and the argmax is the nearest centre). A random init often leaves the argmax assignment in a poor local minimum
-    (several behaviors sharing a latent while others split); this one starts where spherical k-means would.
-    Either way W_dec = W_enc.T with unit rows (decoder initialised from the encoder) and the biases are zero.
+
+def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
+                method: str = "data") -> dict[str, Tensor]:
+    """Initial parameters of one SAE, a function of (d_in, n_latents, seed) and, for a data init, `x_n`.
+
+    - "random" (or x_n None): W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify), b_enc 0.
+    - "data" (x_n = normalised training vectors): Euclidean k-means on x_n (scikit-learn, greedy k-means++, 10
+      restarts, the lowest-inertia run kept). Encoder column i = centre c_i and b_enc_i = -|c_i|^2 / 2, so that
+      the initial pre-activation x.c_i - |c_i|^2/2 = (|x|^2 - |x - c_i|^2) / 2 and the initial argmax latent IS
+      the k-means assignment (nearest centre). Why: a random init often leaves the argmax assignment in a poor
+      local minimum (two behaviors sharing a latent while a third splits); on the organism the behavior partition
+      is the lowest-inertia k-means solution, which spherical k-means (below) misses.
+    - "spherical": the encoder's columns are spherical k-means centres (k-means++ seeds from x_n, 10 Lloyd
+      rounds, unit columns), b_enc 0: the initial argmax is the nearest centre by cosine.
+    Either way W_dec = W_enc.T with unit rows (decoder initialised from the encoder) and b_dec = 0.
     """
+    if method not in INITS:
+        raise ValueError(f"SAE init {method!r}: choose one of {', '.join(INITS)}")
     gen = torch.Generator().manual_seed(seed)
-    if x_n is None:
+    b_enc = torch.zeros(n_latents)
+    if x_n is None or method == "random":
         W_enc = (torch.rand(d_in, n_latents, generator=gen) * 2 - 1) / math.sqrt(d_in)  # [d_in, L]
-    else:
+    elif method == "spherical":
         W_enc = kmeanspp_seeds(x_n, n_latents, seed).T.contiguous()  # [d_in, L], unit columns
+    else:
+        centres = euclidean_kmeans_centres(x_n, n_latents, seed)  # [L, d_in]
+        W_enc = centres.T.contiguous()
+        b_enc = -0.5 * centres.pow(2).sum(-1)
     W_dec = W_enc.T.clone()
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)  # [L, d_in]
-    return {"W_enc": W_enc, "b_enc": torch.zeros(n_latents), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+    W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [L, d_in]
+    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+
+
+def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10) -> Tensor:
+    """`n` Euclidean k-means centres of `x_n` [N, d] (scikit-learn KMeans, seeded); [n, d] float32.
+
+    A centre of an empty cluster cannot occur (scikit-learn relocates them); duplicate rows are fine."""
+    from sklearn.cluster import KMeans
+
+    x = x_n.float().cpu().numpy()
+    if len(x) < n:
+        raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
+    km = KMeans(n_clusters=n, n_init=n_init, random_state=seed).fit(x)
+    return torch.tensor(km.cluster_centers_, dtype=torch.float32)
 
 
 def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd_iters: int = 10) -> Tensor:
@@ -381,7 +409,7 @@ class GridConfig:
     adam_eps: float = 1e-8
     device: str = "cpu"
     eval_elements: int = 2**25  # rows per eval chunk = eval_elements // (S * d_in): bounds eval memory
-    init: str = "data"  # "data": k-means++ seeds from the training vectors (see init_params) | "random"
+    init: str = "data"  # "data" (Euclidean k-means) | "spherical" (spherical k-means) | "random": see init_params
     progress: bool = True
 
     def specs(self, layers: Sequence[int]) -> list[SAESpec]:
@@ -444,14 +472,14 @@ def _train_layer(
         if not 1 <= sp.k <= sp.n_latents:
             raise ValueError(f"{sp.name}: need 1 <= k <= n_latents")
 
-    if cfg.init not in ("data", "random"):
-        raise ValueError(f"GridConfig.init={cfg.init!r}: choose 'data' or 'random'")
+    if cfg.init not in INITS:
+        raise ValueError(f"GridConfig.init={cfg.init!r}: choose one of {', '.join(INITS)}")
     x_init = None
-    if cfg.init == "data":  # one seeded subsample per layer, shared by every SAE (grid == one at a time)
+    if cfg.init != "random":  # one seeded subsample per layer, shared by every SAE (grid == one at a time)
         sub = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.data_seed))]
         x_init = normalise(read_rows(x, sub[:20_000].sort().values, "cpu"), norm_mean.cpu())
     stack = _Stack.build(
-        [init_params(d_in, sp.n_latents, sp.seed, x_init) for sp in specs],
+        [init_params(d_in, sp.n_latents, sp.seed, x_init, cfg.init) for sp in specs],
         [sp.k for sp in specs],
         [lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents) for sp in specs],
         device,

@@ -128,7 +128,12 @@ def test_interpret_sae_offline_result(organism, tmp_path):
     assert [a for _, a in lat["top_sentences"]] == sorted((a for _, a in lat["top_sentences"]), reverse=True)
     columns, rows = wandb_latent_table_rows(r, n_top=2)
     assert len(rows) == 5 and len(rows[0]) == len(columns) and columns[:2] == ["latent", "title"]
-    assert rows[2][1] == lat["title"] and rows[2][-1].count("\n") == 1 and "Check:" in rows[2][-1]
+    top, rand = rows[2][-2], rows[2][-1]
+    assert rows[2][1] == lat["title"] and top.count("\n") == 1 and "Check:" in top
+    # random members are members too (their argmax is this latent), shown after the top ones
+    members = {texts[i] for i in np.flatnonzero(assign.numpy() == BEHAVIORS.index("verify"))}
+    assert lat["random_sentences"] and {s for s, _ in lat["random_sentences"]} <= members
+    assert rand.count("\n") == 1 and rand.split("  ", 1)[1].split("\n")[0] == lat["random_sentences"][0][0]
     json.dumps(r)  # JSON-able
 
 
