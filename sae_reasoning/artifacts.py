@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import threading
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -55,7 +56,9 @@ def library_versions() -> dict[str, str]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # per process AND thread: two threads writing one file (the judge cache, for identical requests in flight
+    # together) must not share a temporary file, or the second rename finds it gone (FileNotFoundError)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

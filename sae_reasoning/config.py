@@ -82,7 +82,7 @@ class SAEConfig:
     patience: int = 10
     val_fraction: float = 0.1
     lr_scale: float = 2e-4  # lr = lr_scale / sqrt(n_latents / 2**14)  (METHOD.md)
-    init: str = "data"  # data: encoder from spherical k-means centres of the vectors | random (uniform)
+    init: str = "data"  # data: Euclidean k-means centres (initial argmax = k-means) | spherical | random (uniform)
     baselines: bool = True
 
 
@@ -144,6 +144,9 @@ class EvalConfig:
     n_bootstrap: int = 2000
     num_shards: int = 1
     shard_index: int = 0
+    # Also ask the LLM judge of the `judge` group (judge=openai|hf) whether each final answer matches the gold:
+    # saved per problem and compared in summary.json; math-verify stays the decision of record.
+    second_opinion: bool = False
 
 
 @dataclass
@@ -279,7 +282,7 @@ def validate(cfg: Any) -> None:
     _positive(s.max_epochs, "sae.max_epochs")
     _positive(s.patience, "sae.patience")
     _positive(s.lr_scale, "sae.lr_scale")
-    _choice(s.init, "sae.init", ("data", "random"))
+    _choice(s.init, "sae.init", ("data", "spherical", "random"))
     if not 0 < s.val_fraction < 1:
         raise ConfigError(f"sae.val_fraction={s.val_fraction}: must be in (0, 1)")
 
@@ -322,6 +325,9 @@ def validate(cfg: Any) -> None:
         _positive(getattr(e, name), f"eval.{name}")
     if not 0 <= e.shard_index < e.num_shards:
         raise ConfigError(f"eval.shard_index={e.shard_index}: must be in 0..{e.num_shards - 1}")
+    if e.second_opinion and cfg.judge.backend == "offline":
+        raise ConfigError("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible "
+                          "server) or judge=hf; the offline judge only labels latents and cannot read answers")
 
     _choice(cfg.wandb.mode, "wandb.mode", ("offline", "online", "disabled"))
     # Files last: a missing file is the likeliest message to hide the others.

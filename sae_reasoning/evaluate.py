@@ -2,8 +2,11 @@
 
 Run folder layout:
     generations/<method>/shard-XXXXX.jsonl   per-problem records (resumable: a rerun generates missing shards only)
+    generations/<method>/judge.jsonl         eval.second_opinion: the LLM judge's saved verdicts (resumable)
     results.jsonl                            every problem x method: extracted answer, decision, stats
+                                             (+ judge_correct, judge_reply with eval.second_opinion)
     summary.json                             per method: accuracy + bootstrap 95% CI, gap recovered + CI, token stats
+                                             (+ second_opinion: judge accuracy, agreement, failures, disagreements)
     accuracy.png, behaviors.png              accuracy per method with CIs; behavior usage of the hybrid methods
 """
 
@@ -42,14 +45,17 @@ def run_sharded(folder: Path, questions: Sequence[Question], batch_size: int, fn
                 progress: bool = True, key: str = "") -> list[dict]:
     """Apply `fn(batch, batch_index)` to fixed batches of questions; one JSONL shard per batch, written atomically,
     so an interrupted run resumes with the missing batches only (no duplicated or lost problems). `key` fingerprints
-    everything the generations depend on: shards made under another key are stale and are regenerated."""
+    everything the generations depend on: shards made under another key are stale and are regenerated. So are
+    shards cut with another batch size (shard b holds batch b: read with another size they would lose or repeat
+    problems, e.g. after a rerun with a smaller eval.batch_size following an out-of-memory kill)."""
     stamp = folder / "key.json"
-    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("key") != key):
+    want = {"key": key, "batch_size": batch_size, "n_questions": len(questions)}
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != want):
         if any(folder.glob("shard-*.jsonl")):
-            print(f"{desc}: {folder} holds generations of another configuration; regenerating them")
+            print(f"{desc}: {folder} holds generations of another configuration or batch size; regenerating them")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, {"key": key, "batch_size": batch_size, "n_questions": len(questions)})
+    atomic_write_json(stamp, want)
     batches = [questions[i: i + batch_size] for i in range(0, len(questions), batch_size)]
     todo = [b for b in range(len(batches)) if not (folder / f"shard-{b:05d}.jsonl").exists()]
     bar = tqdm(total=len(questions), initial=len(questions) - sum(len(batches[b]) for b in todo), desc=desc,
@@ -115,6 +121,10 @@ def summarise(results: dict[str, list[dict]], n_boot: int = 2000, seed: int = 0)
             usage.update({str(k): v for k, v in (r.get("behavior_counts") or {}).items()})
         if usage:
             s["behavior_usage"] = dict(sorted(usage.items()))
+        if any("judge_correct" in r for r in records):  # eval.second_opinion: the LLM judge beside math-verify
+            from sae_reasoning.answer_judge import summarise_second_opinion
+
+            s["second_opinion"] = summarise_second_opinion([by_id[i] for i in ids])
         summary[method] = s
     if "base" in correct and "thinking" in correct:
         for method, c in correct.items():
@@ -135,6 +145,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ch = f"{s['changed_fraction']:.3f}" if "changed_fraction" in s else "-"
         lines.append(f"{method:<18}{s['accuracy']:>9.3f}  {ci:<15}{gap:>9}  {gci:<17}{st:>8}{ch:>8}"
                      f"{s['mean_length']:>8.1f}{s['truncation_rate']:>7.3f}")
+    if any(s.get("second_opinion") for s in summary.values()):
+        from sae_reasoning.answer_judge import format_second_opinion
+
+        lines += ["", format_second_opinion(summary)]
     return "\n".join(lines)
 
 

@@ -123,6 +123,14 @@ def steer(cfg: Any, run_dir: Path) -> None:
     traces = list(iter_traces(grid["traces"]))
     thinking, base = load_pair(cfg.model)
     layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
+    # what the vectors depend on beyond train_steering's arguments: a rerun into this run folder reuses the vectors
+    # an interrupted run finished only if all of it is unchanged
+    resume_key = fingerprint({"base": model_fingerprint(cfg.model.base),
+                              "thinking": model_fingerprint(cfg.model.thinking),
+                              "dtype": cfg.model.dtype, "device": cfg.model.device,
+                              "taxonomy": (train_dir / "taxonomy.json").read_text(),
+                              "checkpoint": folder_fingerprint(train_dir / taxonomy["checkpoint"]),
+                              "activations": grid.get("activations_fingerprint"), "data": cfg.data.name})
     tracker = tracking.start(cfg, run_dir, "steer")
     try:
         meta = train_steering(base, traces, store.index(), store.load(taxonomy["layer"]), sae, layer=layer,
@@ -131,7 +139,8 @@ def steer(cfg: Any, run_dir: Path) -> None:
                               sae_layer=taxonomy["layer"], min_examples=cfg.steering.min_examples,
                               n_hit_examples=cfg.steering.n_hit_examples,
                               seed=cfg.seed, tracker=tracker, progress=cfg.progress, label_fn=label_function(cfg),
-                              extra_meta={"taxonomy": taxonomy["name"], "train_dir": str(train_dir)})
+                              extra_meta={"taxonomy": taxonomy["name"], "train_dir": str(train_dir)},
+                              resume_key=resume_key)
     finally:
         tracker.finish()
     print_vectors(meta)
@@ -176,6 +185,11 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
     if hybrid_methods and (cfg.train_dir is None or cfg.steer_dir is None):
         raise UserError(f"eval.methods has {', '.join(hybrid_methods)}: set train_dir=<train.py run folder> and "
                         "steer_dir=<steer.py run folder>, or drop them from eval.methods")
+    judge = None
+    if e.second_opinion:  # built before any generation, so that a missing API key fails at once
+        from sae_reasoning.answer_judge import make_answer_judge
+
+        judge = make_answer_judge(cfg.judge, cache_dir=Path(cfg.cache_dir) / "judge", seed=cfg.seed)
     thinking, base = load_pair(cfg.model)
     tracker = tracking.start(cfg, run_dir, "eval")
     try:
@@ -201,7 +215,14 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
             records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress,
                                   key=key)
             results[method] = grade_records(records, questions)
+        if judge is not None:  # after every method's generations are saved: a judge problem cannot cost them
+            second_opinion(judge, results, questions, run_dir)
         summary = summarise(results, e.n_bootstrap, cfg.seed)
+        if judge is not None:
+            from sae_reasoning.answer_judge import judge_name
+
+            for s in summary.values():
+                s["second_opinion"] = {"judge": judge_name(judge), **s["second_opinion"]}
         write_results(run_dir, results, summary)
         plot_summary(summary, run_dir)
         columns = ["method", "accuracy", "ci_low", "ci_high", "gap_recovered", "steered_fraction", "changed_fraction",
@@ -210,7 +231,19 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
                                                  s.get("steered_fraction"), s.get("changed_fraction"),
                                                  s["mean_length"], s["truncation_rate"]] for m, s in summary.items()])
         tracker.summary({f"eval/{m}/accuracy": s["accuracy"] for m, s in summary.items()})
+        tracker.summary({f"eval/{m}/judge_{k}": s["second_opinion"][k] for m, s in summary.items()
+                         if "second_opinion" in s for k in ("accuracy", "agreement", "failures")})
         print(f"\n{len(questions)} {cfg.data.name} {e.split} questions; results in {run_dir}")
         print(format_summary(summary))
     finally:
         tracker.finish()
+
+
+def second_opinion(judge: Any, results: dict[str, list[dict]], questions: list, run_dir: Path) -> None:
+    """eval.second_opinion: the LLM judge's verdict on every graded record, saved beside the generations."""
+    from sae_reasoning.answer_judge import SIDECAR, judge_records
+
+    for method, records in results.items():
+        counts = judge_records(records, questions, judge, run_dir / "generations" / method / SIDECAR, desc=method)
+        print(f"second opinion for {method}: {counts['reused']} verdicts reused, {counts['asked']} asked, "
+              f"{counts['failed']} failed, {counts['skipped']} skipped")

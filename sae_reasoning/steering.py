@@ -73,19 +73,20 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as safetensors_save
+from safetensors.torch import load as safetensors_load, load_file, save as safetensors_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_reasoning.activations import resid_post, trace_text
-from sae_reasoning.artifacts import atomic_write_bytes, atomic_write_json
+from sae_reasoning.artifacts import atomic_write_bytes, atomic_write_json, fingerprint
 from sae_reasoning.errors import UserError
 from sae_reasoning.hooks import add_to_resid_post, positions_delta
 from sae_reasoning.models import LoadedModel, resid_post_hook_name
@@ -94,6 +95,7 @@ from sae_reasoning.sentences import Sentence, attach_token_spans, split_sentence
 
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
+PARTIAL_DIR = "vectors.partial"  # <key>.safetensors + <key>.json per finished vector while training (resume)
 MIN_EXAMPLES = 8  # behaviors with fewer usable examples get no vector (reported in meta["skipped"])
 BIAS = "bias"
 
@@ -845,7 +847,7 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
                    seed: int = 0, min_examples: int = MIN_EXAMPLES, n_hit_examples: int = 64,
                    max_new_tokens: int = 48, generation_batch_size: int = 48, label_fn: Any = None,
                    tracker: Any = None, progress: bool = True,
-                   extra_meta: Mapping[str, Any] | None = None) -> dict:
+                   extra_meta: Mapping[str, Any] | None = None, resume_key: str | None = None) -> dict:
     """Train the steering vectors of one taxonomy and write them to `out_dir` (vectors.safetensors + .json).
 
     Inputs: the base model; the thinking traces (records of `traces.iter_traces`); the activation store's sentence
@@ -857,6 +859,12 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
     contexts (`label_fn`: optional ground-truth labeller of generated sentences, reported beside them, e.g.
     `pipeline.label_function(cfg)`). `tracker` (tracking.Tracker) receives loss curves (steer/<key>/{train_loss,val_loss,norm}) and the
     hit-rate table (steer/hit_rates). Returns the metadata written to vectors.json.
+
+    `resume_key` (a fingerprint of everything outside these arguments that the vectors depend on: model files,
+    SAE checkpoint, taxonomy; `pipeline.steer` passes one) turns on resuming: each finished vector (with its
+    record and hit rates) is saved under ``out_dir/vectors.partial/<key>.*`` as soon as it is trained, and a rerun
+    into the same `out_dir` reuses those whose stamp (resume_key, settings, the exact examples) matches, so a
+    killed run loses at most the vector in progress. The folder is removed once vectors.json is written.
     """
     n_examples = int(getattr(cfg, "n_examples", 256))
     val_fraction = float(getattr(cfg, "val_fraction", 0.2))
@@ -898,19 +906,58 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
                 "val_loss_before": tv.val_loss_before, "val_loss_after": tv.val_loss_after,
                 "best_epoch": tv.best_epoch, "epochs": tv.epochs, "history": tv.history}
 
+    partial = Path(out_dir) / PARTIAL_DIR if resume_key is not None else None
+    common_stamp = {"inputs": resume_key, "settings": asdict(settings), "layer": layer, "sae_layer": sae_layer,
+                    "model_id": model_id or base.source, "n_hit_examples": n_hit_examples,
+                    "max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size,
+                    "thinking": thinking is not None, "label_fn": getattr(label_fn, "__qualname__", None)}
+
+    def stamp(key: str, title: str, *groups: Sequence[Example]) -> str:
+        return fingerprint({**common_stamp, "key": key, "title": title, "examples": [
+            [[e.input_ids, e.t_start, e.t_end, e.thinking_prefix, e.activation] for e in g] for g in groups]})
+
+    def resumed(key: str, stamp_: str) -> tuple[Tensor, dict] | None:
+        """The vector and record an interrupted run finished under the same stamp; None if absent, stale or damaged."""
+        if partial is None:
+            return None
+        try:
+            saved = json.loads((partial / f"{key}.json").read_text())
+            blob = (partial / f"{key}.safetensors").read_bytes()
+            if saved["stamp"] != stamp_ or saved["tensor_sha256"] != _sha256(blob):
+                return None
+            vector = safetensors_load(blob)[key].float()
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            return None
+        return (vector, saved["record"]) if vector.shape == (base.d_model,) else None
+
+    def checkpoint(key: str, stamp_: str, vector: Tensor, rec: dict) -> None:
+        """Tensor first, then the JSON naming its sha256 (as save_vectors; names that no reader takes for vectors)."""
+        if partial is not None:
+            blob = safetensors_save({key: vector.detach().float().cpu().contiguous()})
+            atomic_write_bytes(partial / f"{key}.safetensors", blob)
+            atomic_write_json(partial / f"{key}.json", {"stamp": stamp_, "tensor_sha256": _sha256(blob), "record": rec})
+
     for latent, ex in sets.items():
         key = vector_key(latent)
-        tv = train_vector(base, ex.train, ex.val, layer, settings, thinking=thinking, progress=progress,
-                          desc=f"{key} {titles.get(latent, '')}".strip(), log=logger(key))
-        vectors[key] = tv.vector
-        rec = {"latent": latent, "title": titles.get(latent, ""), **record(tv, len(ex.train), len(ex.val)),
-               "n_candidates": ex.n_candidates, "n_too_long": ex.n_too_long,
-               "mean_activation": sum(e.activation for e in ex.train + ex.val) / (len(ex.train) + len(ex.val))}
-        if thinking is not None and n_hit_examples > 0:
-            hits = hit_rates(base, thinking, sae, sae_layer, ex.hit_contexts(n_hit_examples), tv.vector, latent, layer,
-                             max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
-                             label_fn=label_fn, progress=progress)
-            rec["hit_rates"] = hits
+        hit_contexts = ex.hit_contexts(n_hit_examples) if thinking is not None and n_hit_examples > 0 else None
+        st = stamp(key, titles.get(latent, ""), ex.train, ex.val, hit_contexts or [])
+        done = resumed(key, st)
+        if done is not None:
+            vectors[key], rec = done
+            print(f"steering: {key} resumed from {partial}")
+        else:
+            tv = train_vector(base, ex.train, ex.val, layer, settings, thinking=thinking, progress=progress,
+                              desc=f"{key} {titles.get(latent, '')}".strip(), log=logger(key))
+            vectors[key] = tv.vector
+            rec = {"latent": latent, "title": titles.get(latent, ""), **record(tv, len(ex.train), len(ex.val)),
+                   "n_candidates": ex.n_candidates, "n_too_long": ex.n_too_long,
+                   "mean_activation": sum(e.activation for e in ex.train + ex.val) / (len(ex.train) + len(ex.val))}
+            if hit_contexts is not None:
+                hits = hit_rates(base, thinking, sae, sae_layer, hit_contexts, tv.vector, latent, layer,
+                                 max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
+                                 label_fn=label_fn, progress=progress)
+                rec["hit_rates"] = hits
+            checkpoint(key, st, tv.vector, rec)
         records[key] = rec
         h = rec.get("hit_rates", {})
         table_rows.append([key, latent, rec["title"], rec["norm"], rec["n_train"], rec["n_val"],
@@ -925,13 +972,21 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             print(f"steering: no bias vector: {skipped_bias}")
             records_bias_skip = skipped_bias
         else:
-            tv = train_vector(base, btrain, bval, layer, settings, thinking=thinking, progress=progress, desc="bias",
-                              log=logger(BIAS))
-            vectors[BIAS] = tv.vector
-            records[BIAS] = {"latent": None, "title": "bias", **record(tv, len(btrain), len(bval))}
+            st = stamp(BIAS, "bias", btrain, bval)
+            done = resumed(BIAS, st)
+            if done is not None:
+                vectors[BIAS], records[BIAS] = done
+                print(f"steering: {BIAS} resumed from {partial}")
+            else:
+                tv = train_vector(base, btrain, bval, layer, settings, thinking=thinking, progress=progress,
+                                  desc="bias", log=logger(BIAS))
+                vectors[BIAS] = tv.vector
+                records[BIAS] = {"latent": None, "title": "bias", **record(tv, len(btrain), len(bval))}
+                checkpoint(BIAS, st, tv.vector, records[BIAS])
             records_bias_skip = None
-            table_rows.append([BIAS, None, "bias", records[BIAS]["norm"], len(btrain), len(bval),
-                               tv.val_loss_before, tv.val_loss_after, None, None, None, None])
+            rb = records[BIAS]
+            table_rows.append([BIAS, None, "bias", rb["norm"], len(btrain), len(bval), rb["val_loss_before"],
+                               rb["val_loss_after"], None, None, None, None])
     if not vectors:
         raise UserError("steering: no vector could be trained (every behavior has too few examples: "
                         f"{skipped}); generate more traces (data.limit) or lower the minimum")
@@ -951,6 +1006,8 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
     if train_bias and records_bias_skip:
         meta["skipped"][BIAS] = records_bias_skip
     save_vectors(out_dir, vectors, meta)
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)  # vectors.json is written: the per-vector checkpoints are done
     if tracker is not None:
         tracker.table("steer/hit_rates", HIT_TABLE_COLUMNS, table_rows)
         tracker.summary({f"steer/{r[0]}/val_loss_after": r[7] for r in table_rows})

@@ -8,9 +8,11 @@ the real entry points (train.py, steer.py, eval.py) or a child process. Counts a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -22,14 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save as safetensors_save
 
 from sae_reasoning import pipeline
 from sae_reasoning.cli import compose_config, preflight
 from sae_reasoning.errors import UserError
 
 from conftest import REPO, SHARED_DATA
-from helpers import stories_with_chat_template
+from helpers import stories_with_chat_template, story_questions
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
@@ -121,6 +123,7 @@ CONFIG_CASES = [
     ("sae.patience=0", "sae.patience=0"),
     ("sae.lr_scale=0", "sae.lr_scale=0"),
     ("sae.init=zeros", "sae.init='zeros'"),
+    ("sae.select=best", "sae.select='best'"),
     ("sae.val_fraction=0", "sae.val_fraction=0"),
     ("sae.val_fraction=1", "sae.val_fraction=1"),
     ("judge.backend=claude", "judge.backend='claude'"),
@@ -508,9 +511,9 @@ extract_activations(lm, traces, [1, 3], sys.argv[1], batch_size=1, min_words=2, 
 """
 
 
-def kill_when(cmd: list[str], ready, *, deadline_s: float = 90, cwd=REPO) -> bool:
+def kill_when(cmd: list[str], ready, *, deadline_s: float = 90, cwd=REPO, env: dict | None = None) -> bool:
     """Start `cmd`, SIGKILL it as soon as `ready()` holds; True if it was killed (False: it finished first)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + deadline_s
     while proc.poll() is None and time.monotonic() < deadline and not ready():
         time.sleep(0.002)
@@ -608,13 +611,160 @@ def test_killed_evaluation_resumes_to_identical_results(trained, chat_model, roo
     KILLS["evaluation"] = kills
 
 
+# ========================================================================= 2. SIGKILL + rerun: steering vectors
+
+STEER_ARGS = ["steering.max_epochs=2", "steering.n_examples=8", "steering.min_examples=4", "steering.n_hit_examples=3"]
+
+
+@pytest.fixture(scope="module")
+def steered(trained, root):
+    """An uninterrupted steer.py stage run in-process: the reference for the kills, the vectors of eval's hybrid."""
+    run, args = trained
+    args = args + [f"train_dir={run}", *STEER_ARGS]
+    out = root / "steer-clean"
+    out.mkdir()
+    pipeline.steer(compose_config(args), out)
+    return out, args
+
+
+def _finished_vectors(partial: Path) -> set[str]:
+    return {p.stem for p in partial.glob("*.json")}
+
+
+def test_killed_steering_resumes_to_identical_vectors(steered, root, monkeypatch):
+    from sae_reasoning import steering
+
+    clean, args = steered
+    clean_meta = json.loads((clean / "vectors.json").read_text())
+    keys = list(clean_meta["vectors"])  # latent_0..latent_3, then bias: trained in this order
+    assert len(keys) >= 4 and "bias" in keys
+    killed = root / "steer-killed"
+    partial = killed / steering.PARTIAL_DIR
+    cmd = [sys.executable, "steer.py", *args, f"hydra.run.dir={killed}"]
+    kills = 0
+    for target in sorted(random.Random(SEED).sample(range(1, len(keys)), 2)):  # after `target` vectors are done
+        kills += kill_when(cmd, lambda: len(_finished_vectors(partial)) >= target)
+        assert not complete_artifacts(killed) and not (killed / "vectors.safetensors").exists()
+    assert kills >= 1
+    done = _finished_vectors(partial)
+    assert done and done < set(keys), done
+    # never trusted: a checkpoint of other settings or inputs (stamp) for a vector still to train, a damaged one
+    for key, v in load_file(clean / "vectors.safetensors").items():
+        if key not in done:
+            data = safetensors_save({key: v + 1})
+            (partial / f"{key}.safetensors").write_bytes(data)
+            (partial / f"{key}.json").write_text(json.dumps({"stamp": "other settings", "record": {},
+                                                              "tensor_sha256": hashlib.sha256(data).hexdigest()}))
+    damaged = sorted(done)[0]
+    _flip_bytes(partial / f"{damaged}.safetensors")
+    retrained = []
+    real = steering.train_vector
+
+    def counting(*a, **kw):
+        retrained.append(kw["desc"].split()[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(steering, "train_vector", counting)
+    pipeline.steer(compose_config(args), killed)  # the rerun: steer.py's stage, in-process (saves a startup)
+    assert sorted(retrained) == sorted(set(keys) - done | {damaged})  # the sound finished vectors are reused
+    assert (killed / "vectors.json").read_text() == (clean / "vectors.json").read_text()  # records, hit rates, sha256
+    meta = json.loads((killed / "vectors.json").read_text())
+    hits = {k: v.get("hit_rates") for k, v in meta["vectors"].items()}
+    assert hits == {k: v.get("hit_rates") for k, v in clean_meta["vectors"].items()}
+    assert sum(h is not None for h in hits.values()) == len(keys) - 1  # every behavior vector has its hit rates
+    ta, tb = load_file(clean / "vectors.safetensors"), load_file(killed / "vectors.safetensors")
+    assert ta.keys() == tb.keys() == set(keys) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not partial.exists() and not list(killed.rglob(".*.tmp*"))  # no leftover checkpoint or temporary file
+    KILLS["steering"] = kills
+
+
+# ======================================================================= 2. SIGKILL + rerun: hybrid evaluation
+
+HYBRID_METHODS = ["hybrid", "random_behavior", "unsteered_rerank"]
+
+
+def test_killed_hybrid_evaluation_resumes_to_identical_results(trained, steered, root, monkeypatch):
+    from sae_reasoning import hybrid_stage
+
+    run, args = trained
+    steer_dir, _ = steered
+    args = args + [f"train_dir={run}", f"steer_dir={steer_dir}", f"eval.methods=[{','.join(HYBRID_METHODS)}]",
+                   "eval.limit=6", "eval.batch_size=2", "eval.max_new_tokens=16", "eval.n_bootstrap=50"]
+    clean, killed = root / "hybrid-eval-clean", root / "hybrid-eval-killed"
+    clean.mkdir()
+    pipeline.evaluate(compose_config(args), clean)
+    cmd = [sys.executable, "eval.py", *args, f"hydra.run.dir={killed}"]
+    rng = random.Random(SEED)
+    kills = 0
+    for method in HYBRID_METHODS:  # once while generating each method's shards (3 shards each)
+        target = rng.randint(1, 2)
+        kills += kill_when(cmd, lambda: len(list((killed / "generations" / method).glob("shard-*.jsonl"))) >= target)
+        assert not complete_artifacts(killed)
+    assert kills >= 2
+    have = sum(len(list((killed / "generations" / m).glob("shard-*.jsonl"))) for m in HYBRID_METHODS)
+    generated = []
+    real = hybrid_stage.hybrid_batch_fn
+
+    def counting(cfg, thinking, base, method, budget):
+        fn = real(cfg, thinking, base, method, budget)
+        return lambda batch, b: generated.append((method, b)) or fn(batch, b)
+
+    monkeypatch.setattr(hybrid_stage, "hybrid_batch_fn", counting)
+    pipeline.evaluate(compose_config(args), killed)  # the rerun: eval.py's stage, in-process (saves a startup)
+    assert len(generated) == 3 * len(HYBRID_METHODS) - have and len(set(generated)) == len(generated)
+    ra = (clean / "results.jsonl").read_text().splitlines()
+    rb = (killed / "results.jsonl").read_text().splitlines()
+    assert len(rb) == 18 and len({(json.loads(r)["method"], json.loads(r)["id"]) for r in rb}) == 18
+    assert ra == rb  # per problem: completion, steering stats, behavior counts, grade
+    for method in HYBRID_METHODS:
+        shards = sorted((killed / "generations" / method).glob("shard-*.jsonl"))
+        assert [p.read_text() for p in shards] == [
+            p.read_text() for p in sorted((clean / "generations" / method).glob("shard-*.jsonl"))]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (clean, killed))
+    assert sa == sb and all(sb[m].get("steered_fraction") is not None for m in HYBRID_METHODS)
+    assert not list(killed.rglob(".*.tmp*"))
+    KILLS["hybrid_evaluation"] = kills
+
+
+def test_evaluation_rerun_with_another_batch_size_loses_and_repeats_nothing(tmp_path):
+    """After a kill (say out of memory), a rerun with a smaller or larger eval.batch_size: shard b held batch b of
+    the old size, so those shards are regenerated, not read as batches of the new size."""
+    from sae_reasoning.evaluate import run_sharded
+
+    questions = story_questions(12)
+
+    def fn(batch, b):
+        return [{"completion": f"{q.id} batch {b} of {len(batch)}"} for q in batch]
+
+    for first, second in ((2, 4), (4, 2)):
+        folder = tmp_path / f"m{first}"
+        run_sharded(folder, questions, first, fn, "m", progress=False, key="k")
+        for shard in sorted(folder.glob("shard-*.jsonl"))[2:]:
+            shard.unlink()  # the killed run finished two batches
+        got = run_sharded(folder, questions, second, fn, "m", progress=False, key="k")
+        clean = run_sharded(tmp_path / f"clean{second}", questions, second, fn, "m", progress=False, key="k")
+        assert [r["id"] for r in got] == [q.id for q in questions] and got == clean
+
+
 # ============================================================================== 3. judge faults (loopback HTTP)
 
+def judge_reply(prompt: str) -> str:
+    """A valid answer to any of the judge's asks (interpret/judges.py), decided by a hash of the prompt."""
+    bits = [b % 11 for b in hashlib.sha256(prompt.encode()).digest()]
+    n = int(re.findall(r"exactly (\d+)", prompt)[-1]) if "exactly" in prompt else 0
+    for key, values in (("decisions", [b % 2 == 0 for b in bits]), ("scores", bits),
+                        ("distinct", [b < 8 for b in bits])):
+        if f'"{key}"' in prompt:
+            return json.dumps({key: values[:n]})
+    return json.dumps({"title": f"Behavior {bits[0] % 4}", "description": f"Sentences of kind {bits[1]}."})
+
+
 class BadJudgeServer:
-    """An OpenAI-compatible endpoint on 127.0.0.1 that fails every request in one way."""
+    """An OpenAI-compatible endpoint on 127.0.0.1 that fails every request in one way; mode "ok": answers every
+    request validly and deterministically (`judge_reply`), recording each request's prompt in `asked`."""
 
     def __init__(self, mode: str):
-        self.mode, self.n = mode, 0
+        self.mode, self.n, self.asked = mode, 0, []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -622,8 +772,20 @@ class BadJudgeServer:
                 pass
 
             def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
+                request = self.rfile.read(int(self.headers["Content-Length"]))
                 fake.n += 1
+                if fake.mode == "ok":
+                    prompt = json.loads(request)["messages"][-1]["content"]
+                    fake.asked.append(prompt)
+                    body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                        {"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": judge_reply(prompt)}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if fake.mode == "hang_up":  # close the socket without an answer
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -688,6 +850,29 @@ def test_interpret_sae_survives_a_judge_that_always_fails(mode, monkeypatch):
         assert server.n == stats["calls"]
 
 
+def test_identical_judge_requests_in_flight_together_are_cached_once(tmp_path):
+    """n_repeats=3 on a latent with one member sentence: three identical requests, answered at the same moment,
+    write one cache file (they once shared a temporary file name and two of the three renames crashed)."""
+    from sae_reasoning.interpret import LatentMembers
+    from sae_reasoning.judges import LLMJudge
+
+    class SimultaneousJudge(LLMJudge):
+        def __init__(self, **kw):
+            super().__init__("m", **kw)
+            self.barrier = threading.Barrier(3)
+
+        def _complete(self, messages, attempt):
+            self.barrier.wait(timeout=10)  # all three replies arrive together
+            return '{"title": "Counting", "description": "Adds the numbers."}'
+
+    for trial in range(20):
+        judge = SimultaneousJudge(cache_dir=tmp_path / f"c{trial}", n_repeats=3, max_concurrency=8)
+        member = LatentMembers(0, 1, 1.0, ["Tom had 3 apples and got 2 more."], [1.0], [0], 1)
+        (label,) = judge.label([member])
+        assert label.source == "llm" and label.titles == ["Counting"] * 3 and judge.stats()["failures"] == 0
+        assert [p.name.startswith(".") for p in (tmp_path / f"c{trial}").rglob("*") if p.is_file()] == [False]
+
+
 def test_train_interpretation_completes_when_every_judge_call_fails(trained, monkeypatch, tmp_path):
     """The whole interpretation stage of train.py with judge.backend=openai against an always-500 server."""
     from sae_reasoning.activations import ActivationStore
@@ -712,6 +897,67 @@ def test_train_interpretation_completes_when_every_judge_call_fails(trained, mon
     assert chosen["metrics"]["score_kind"] == "deterministic"
     assert chosen["judge_stats"]["failures"] == chosen["judge_stats"]["calls"] > 0
     assert server.n > 0 and not list((tmp_path / "c").rglob("*.json"))  # failures are never cached
+
+
+# ============================================= 2. SIGKILL + rerun: interpretation (LLM judge: the loopback server)
+
+def _without_judge_stats(obj):
+    """Judge counters (calls vs cache hits) tell how a run got its replies, not what they were: left out."""
+    if isinstance(obj, dict):
+        return {k: _without_judge_stats(v) for k, v in obj.items() if k != "judge_stats"}
+    if isinstance(obj, list):
+        return [_without_judge_stats(v) for v in obj]
+    return obj
+
+
+def test_killed_interpretation_resumes_to_identical_taxonomy(trained, root, monkeypatch):
+    """train.py's interpretation stage with an LLM judge that answers, killed while the replies come in: the rerun
+    asks only what no run got an answer to (judge cache) and writes the labels and taxonomy of an uninterrupted run."""
+    from sae_reasoning.activations import ActivationStore
+    from sae_reasoning.interpret_stage import interpret_grid
+    from sae_reasoning.tracking import Tracker
+
+    run, args = trained
+    grid = json.loads((run / "grid.json").read_text())
+    monkeypatch.setenv("SAE_RELIABILITY_KEY", "k")
+    server = BadJudgeServer("ok")
+    try:
+        judge = ["judge.backend=openai", "judge.model=m", f"judge.base_url={server.base_url}",
+                 "judge.api_key_env=SAE_RELIABILITY_KEY", "judge.n_repeats=2", "judge.max_concurrency=1"]
+        clean, clean_cache = root / "interpret-clean", root / "cache-judge-clean"
+        shutil.copytree(run / "saes", clean / "saes")
+        cfg = compose_config(args + judge + [f"cache_dir={clean_cache}"])
+        interpret_grid(cfg, ActivationStore(grid["activations"]), grid["saes"], clean, Tracker(None))
+        asked_clean = list(server.asked)
+        assert len(set(asked_clean)) == len(asked_clean) == len(list((clean_cache / "judge").rglob("*.json")))
+        # the killed runs: train.py into a copy of the finished grid (it resumes past it), activations cached
+        cache, killed = root / "cache-judge-killed", root / "interpret-killed"
+        shutil.copytree(root / "cache", cache, ignore=shutil.ignore_patterns("judge"))
+        shutil.copytree(run / "saes", killed / "saes")
+        killed_args = [a for a in args if not a.startswith("cache_dir=")] + judge + [f"cache_dir={cache}"]
+        cmd = [sys.executable, "train.py", *killed_args, f"hydra.run.dir={killed}"]
+        server.asked.clear()
+        kills = 0
+        for target in sorted(random.Random(SEED).sample(range(1, len(asked_clean)), 3)):  # after `target` replies
+            kills += kill_when(cmd, lambda: len(list((cache / "judge").rglob("*.json"))) >= target,
+                               env={**ENV, "SAE_RELIABILITY_KEY": "k"})
+            assert not (killed / "taxonomy.json").exists()
+        assert kills >= 2
+        pipeline.train(compose_config(killed_args), killed)  # the rerun: train.py's stage, in-process
+    finally:
+        server.close()
+    # every request asked; twice at most once per kill (the one in flight when it came)
+    assert set(server.asked) == set(asked_clean) and len(server.asked) <= len(asked_clean) + kills
+    for name in ["taxonomy.json"] + [f"interpretation/{r['name']}.json" for r in grid["saes"]]:
+        a, b = (json.loads((d / name).read_text()) for d in (clean, killed))
+        assert _without_judge_stats(a) == _without_judge_stats(b), name
+    assert sorted(p.name for p in (killed / "interpretation").iterdir()) == sorted(
+        p.name for p in (clean / "interpretation").iterdir())  # one file per SAE, no duplicate, no temporary file
+    taxonomy = json.loads((killed / "taxonomy.json").read_text())
+    assert taxonomy["score_kind"] == "llm" and {lat["source"] for lat in taxonomy["taxonomy"]["latents"]} <= {
+        "llm", "empty"}
+    assert taxonomy["taxonomy"]["judge_stats"]["failures"] == 0 and not list(killed.rglob(".*.tmp*"))
+    KILLS["interpretation"] = kills
 
 
 # ================================================================================================== counts
