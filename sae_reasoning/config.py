@@ -8,6 +8,7 @@ wrong type is caught by OmegaConf at composition time; `validate` then checks th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -84,6 +85,9 @@ class SAEConfig:
     lr_scale: float = 2e-4  # lr = lr_scale / sqrt(n_latents / 2**14)  (METHOD.md)
     init: str = "data"  # data: Euclidean k-means centres (initial argmax = k-means) | spherical | random (uniform)
     baselines: bool = True
+    # which SAE of the grid becomes the taxonomy that steer.py and eval.py use: "score" (the label-free taxonomy
+    # score), "truth" (highest NMI with ground-truth labels, e.g. the organism's planted behaviors), or a name
+    select: str = "score"
 
 
 @dataclass
@@ -126,6 +130,11 @@ class HybridConfig:
     unsteered_candidate: bool = True
     max_new_tokens: int = 512
     batch_size: int = 16
+    # Thinking and base tokenizers differ: refuse (false) or let the thinking model, at each sentence start, re-encode
+    # its chat prompt + the base's generated text with its own tokenizer (one uncached thinking forward over the
+    # prefix per sentence, then the draft). Limits: the text is split as the thinking tokenizer splits it (not as the
+    # model would have written it; unknown text -> <unk>); granularity=sentence only; oracle, unsteered_rerank and
+    # candidate_mode are refused (they need one vocabulary); disagreement_rate is None. Ignored for a shared vocabulary.
     retokenize_text: bool = False
     draft: str = "sentence"  # sentence start: classify the thinking model's draft of its whole next sentence
     draft_max_tokens: int = 64
@@ -283,6 +292,8 @@ def validate(cfg: Any) -> None:
     _positive(s.patience, "sae.patience")
     _positive(s.lr_scale, "sae.lr_scale")
     _choice(s.init, "sae.init", ("data", "spherical", "random"))
+    if s.select not in ("score", "truth") and not re.fullmatch(r"layer\d+_n\d+_k\d+_seed\d+", str(s.select)):
+        raise ConfigError(f"sae.select={s.select!r}: choose score, truth or an SAE name such as layer1_n5_k3_seed0")
     if not 0 < s.val_fraction < 1:
         raise ConfigError(f"sae.val_fraction={s.val_fraction}: must be in (0, 1)")
 

@@ -325,10 +325,13 @@ def _summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "latents"} | {"labels": labels}
 
 
-def write_taxonomy_json(path: str | Path, chosen: dict, all_results: Sequence[dict]) -> None:
-    """`taxonomy.json` (atomic): the chosen SAE's full result, how it was scored, and every result's summary."""
+def write_taxonomy_json(path: str | Path, chosen: dict, all_results: Sequence[dict], selected_by: str = "score"
+                        ) -> None:
+    """`taxonomy.json` (atomic): the chosen SAE's full result, how it was chosen and scored, every result's summary."""
     kind, comps = _selection(all_results)
-    atomic_write_json(path, {"chosen": chosen["name"], "score_kind": kind, "score_components": comps,
+    atomic_write_json(path, {"chosen": chosen["name"], "selected_by": selected_by,
+                             "score_choice": choose_taxonomy(all_results)["name"],
+                             "score_kind": kind, "score_components": comps,
                              "score_doc": SCORE_DOC, "taxonomy": chosen,
                              "results": [_summary(r) for r in all_results]})
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from sae_reasoning.activations import ActivationStore
 from sae_reasoning.artifacts import atomic_write_json
+from sae_reasoning.errors import UserError
 from sae_reasoning.interpret import choose_taxonomy, interpret_sae, wandb_latent_table_rows, write_taxonomy_json
 from sae_reasoning.judges import make_labeller
 from sae_reasoning.sae import load_sae, split_indices
@@ -51,8 +52,8 @@ def interpret_grid(cfg: Any, store: ActivationStore, records: list[dict], run_di
                                info={k: rec[k] for k in ("layer", "n_latents", "k", "seed", "checkpoint")})
         atomic_write_json(run_dir / "interpretation" / f"{rec['name']}.json", result)
         results.append(result)
-    chosen = choose_taxonomy(results)
-    write_taxonomy_json(run_dir / "taxonomy.json", chosen, results)
+    chosen = select_taxonomy(results, str(cfg.sae.select))
+    write_taxonomy_json(run_dir / "taxonomy.json", chosen, results, selected_by=str(cfg.sae.select))
     all_rows = []  # one latent browser for the whole grid: filter it by the "sae" column in W&B
     for result in results:
         columns, rows = wandb_latent_table_rows(result)
@@ -65,14 +66,33 @@ def interpret_grid(cfg: Any, store: ActivationStore, records: list[dict], run_di
     tracker.table("taxonomy/scores", columns, [[r["name"], *[r["info"][k] for k in ("layer", "n_latents", "k", "seed")],
                                                 *[r["metrics"].get(k) for k in columns[5:]]] for r in results])
     tracker.summary({"taxonomy/chosen": chosen["name"], "taxonomy/score": chosen["metrics"]["score"]})
-    print_taxonomy(chosen)
+    print_taxonomy(chosen, str(cfg.sae.select))
     return chosen
 
 
-def print_taxonomy(chosen: dict) -> None:
+def select_taxonomy(results: list[dict], select: str) -> dict:
+    """`sae.select`: "score" = the label-free taxonomy score's choice; "truth" = the highest NMI with the ground-truth
+    labels (ties: the score); otherwise the SAE of that name. Every result gets its selection score either way."""
+    by_score = choose_taxonomy(results)
+    if select == "score":
+        return by_score
+    if select == "truth":
+        scored = [r for r in results if r["metrics"].get("truth_nmi") is not None]
+        if not scored:
+            raise UserError("sae.select=truth needs ground-truth sentence labels (the organism has them); these "
+                            "traces have none: use sae.select=score or an SAE name")
+        return max(scored, key=lambda r: (r["metrics"]["truth_nmi"], r.get("selection_score") or 0.0))
+    for r in results:
+        if r["name"] == select:
+            return r
+    raise UserError(f"sae.select={select}: no such SAE in this grid; choose one of "
+                    f"{', '.join(r['name'] for r in results[:8])}{', ...' if len(results) > 8 else ''}")
+
+
+def print_taxonomy(chosen: dict, select: str = "score") -> None:
     m = chosen["metrics"]
-    truth = f", NMI with planted behaviors {m['nmi']:.3f}" if m.get("nmi") is not None else ""
-    print(f"\nchosen taxonomy: {chosen['name']} (score {m['score']:.3f}, {m['score_kind']}{truth})")
+    truth = f", NMI with planted behaviors {m['truth_nmi']:.3f}" if m.get("truth_nmi") is not None else ""
+    print(f"\nchosen taxonomy: {chosen['name']} (sae.select={select}; score {m['score']:.3f}, {m['score_kind']}{truth})")
     for lat in chosen["latents"]:
         if lat["count"]:
             extra = lat["metrics"].get("truth_majority")

@@ -226,3 +226,20 @@ def test_choose_taxonomy_compares_like_with_like():
                                          "independence": 1.0}, "latents": []}
     assert choose_taxonomy([a, b, c])["name"] == "c"  # c lacks nothing deterministic and is more orthogonal
     assert a["selection_kind"] == "deterministic" and a["selection_score"] == b["selection_score"]
+
+
+def test_select_taxonomy_by_score_truth_or_name():
+    from sae_reasoning.errors import UserError
+    from sae_reasoning.interpret_stage import select_taxonomy
+
+    base = {"balance": 0.5, "dead_fraction": 0.0, "orthogonality": 0.5, "stability_nmi": 1.0}
+    a = {"name": "layer0_n5_k3_seed0", "metrics": base | {"balance": 0.9, "truth_nmi": 0.7}, "latents": []}
+    b = {"name": "layer1_n5_k1_seed0", "metrics": base | {"truth_nmi": 1.0}, "latents": []}
+    assert select_taxonomy([a, b], "score")["name"] == a["name"]  # more balanced
+    assert select_taxonomy([a, b], "truth")["name"] == b["name"]  # what the planted labels say
+    assert select_taxonomy([a, b], b["name"]) is b
+    with pytest.raises(UserError, match="no such SAE.*layer0_n5_k3_seed0"):
+        select_taxonomy([a, b], "layer9_n5_k3_seed0")
+    no_truth = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "truth_nmi"}} for r in (a, b)]
+    with pytest.raises(UserError, match="needs ground-truth"):
+        select_taxonomy(no_truth, "truth")
