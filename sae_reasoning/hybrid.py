@@ -39,7 +39,8 @@ Controls (``control``, one at a time; each acts at exactly the decision points o
 
 - ``bias_only``: only the bias vector, never a behavior vector (equals steering with every vector zeroed).
 - ``random_behavior``: wherever the real decision activates a behavior, a uniformly random behavior that has a
-  vector is used instead (seeded per problem: ``seed`` and the problem's index, independent of batching).
+  vector is used instead (seeded per problem: ``seed`` and the problem's id, or its index when it has none;
+  independent of batching).
 - ``random_vectors``: each behavior vector is replaced by a seeded random vector of the same norm.
 - ``oracle``: no steering at all; wherever a behavior is active and greedy base and greedy thinking tokens differ,
   the thinking model's token is emitted, elsewhere the base's. With ``threshold=-inf`` and token granularity every
@@ -73,13 +74,47 @@ character as in ``attach_token_spans``. Streaming differences, all documented ch
 - Text after ``</think>`` is not special (the base does not write think tags).
 - Each step re-scans the text after the last cut that can no longer change (see ``SentenceStream.current``).
 
-Tokenizers: the base's token ids are fed to the thinking model, so both tokenizers must share one vocabulary
-(``_check_tokenizers``); otherwise one clear error. ``retokenize_text`` (text-level re-tokenisation) is refused with
-an explanation: it is not implemented (see ``_RETOKENIZE_LIMITS``).
+Tokenizers. By default the base's token ids are fed to the thinking model, so both tokenizers must share one
+vocabulary (``_check_tokenizers``); otherwise one clear error, which names ``hybrid.retokenize_text``.
+
+Text-level re-tokenisation (``retokenize_text=true``, used only when the vocabularies differ; the test-only
+setting ``force_retokenize`` takes this path for a matching pair too). The base decodes exactly as above (batched,
+cached, steered); the thinking model no longer reads base token ids and keeps no cache across steps. Whenever a
+row needs a decision (sentence mode: a new sentence, detected on the base's decoded text exactly as above), the
+thinking model encodes its own chat prompt (``thinking_prompt``, its own special tokens) followed by the text
+generated so far (``SentenceStream.text``, i.e. the base tokenizer's decode with special tokens kept), encoded
+separately with ITS OWN tokenizer (``add_special_tokens=False``; special-token strings in the text are parsed as the
+thinking tokenizer's own), runs one uncached forward over that prefix (the rows deciding at this step batched with
+left padding), drafts its next sentence greedily from it and pools/classifies exactly as above (a new cut whose
+sentence already has text, as after ``wait... Then``, pools the re-encoded tokens of that sentence, found by the
+tokenizer's character offsets into the text and the membership rule above; this needs a fast tokenizer). For a pair
+with one tokenizer whose encoding of the generated text gives back the emitted ids, this equals the token path
+(tested). Limits:
+
+- The thinking model reads the base's text split by its own tokenizer: a word may be split differently than it
+  would have written it, each tokenizer's rules for a text start apply to the generated part (e.g. SentencePiece's
+  dummy-prefix space), and text its tokenizer cannot represent becomes ``<unk>``.
+- The generated text is encoded apart from the prompt (no token merges across that boundary, as when the
+  thinking model writes after its prompt); a base token that ends inside a multi-byte character adds its text only
+  once a later token completes it (``SentenceStream``).
+- Cost: one uncached thinking forward over prompt + whole text per decision (sentence), plus the draft; no
+  thinking forward between decisions. Per problem that is O(n * n_sentences) thinking tokens instead of O(n), and
+  the prompt + text must fit the thinking model's context.
+- Sentence granularity only: ``granularity="token"`` is refused (re-encoding the whole text at every token is
+  O(n^2), and mid-word the thinking model would read a word cut where its tokenizer never cuts; sentence starts
+  end at a word boundary).
+- Controls that compare or score tokens across the two vocabularies are refused, one line each: ``oracle``
+  (emits the thinking model's token), ``candidate_mode`` and ``unsteered_rerank`` (score base tokens with thinking
+  log-likelihoods). ``bias_only``, ``random_behavior`` and ``random_vectors`` work as above.
+- ``disagreement_rate`` (unsteered base greedy token vs thinking greedy token) has no meaning across vocabularies:
+  it is None; ``thinking_greedy`` in records is None. The other stats are unchanged; ``n_conflicting_tokens`` is 0.
+- The thinking model's own eos (not the base's) ends its drafts.
 
 Cost per step: one base forward on the batch (2x rows when tracking unsteered stats; K query positions in candidate
 mode), one thinking forward on the batch, and at steps where some row starts a sentence (and needs a decision) one
-partial thinking forward up to block ``sae_layer``. Finished rows are dropped from the batch (caches included).
+partial thinking forward up to block ``sae_layer`` (token draft) or the draft of a sentence (up to
+``draft_max_tokens`` cached thinking steps). Re-tokenisation: see above. Finished rows are dropped from the batch
+(caches included).
 """
 
 from __future__ import annotations
@@ -88,6 +123,7 @@ import copy
 import math
 import random
 import warnings
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
@@ -105,17 +141,36 @@ from sae_reasoning.sentences import _boundaries
 CONTROLS = ("none", "bias_only", "random_behavior", "random_vectors", "oracle", "unsteered_rerank")
 GRANULARITIES = ("sentence", "token")
 
-_RETOKENIZE_LIMITS = (
-    "hybrid.retokenize_text=true is not implemented: with different tokenizers the thinking model would have to "
-    "read the base's text re-tokenised, which changes token boundaries mid-word (a base token may end inside a "
-    "thinking token), so the thinking model's cache must be rolled back and re-encoded at every mismatch, its "
-    "per-token running means and drafts no longer align with the emitted tokens, and candidate tokens cannot be "
-    "scored by one next-token log-likelihood. Use a thinking/base pair that shares one tokenizer (all pairs of the "
-    "paper do) or set hybrid.retokenize_text=false")
+# Refusals of the re-tokenisation path (module doc, *Text-level re-tokenisation*): one line each.
+_RETOKENIZE_REFUSALS = {
+    "granularity": "hybrid.retokenize_text supports granularity=sentence only: with granularity=token the thinking "
+                   "model would re-encode the whole text at every token (O(n^2)) and, mid-word, read a word cut where "
+                   "its own tokenizer never cuts; sentence starts end at a word boundary",
+    "candidate_mode": "hybrid.candidate_mode needs one shared vocabulary (the thinking model scores each candidate "
+                      "base token by its next-token log-likelihood); it is refused with hybrid.retokenize_text",
+    "oracle": "hybrid.control=oracle needs one shared vocabulary (it emits the thinking model's greedy token in "
+              "the base's stream); it is refused with hybrid.retokenize_text",
+    "unsteered_rerank": "hybrid.control=unsteered_rerank needs one shared vocabulary (the thinking model re-ranks "
+                        "the base's top tokens by their log-likelihood); it is refused with hybrid.retokenize_text",
+}
 
 
 class HybridError(UserError):
     """A hybrid configuration or input that cannot work (mismatched tokenizers, vector shapes, layers)."""
+
+
+def check_methods(thinking: LoadedModel, base: LoadedModel, cfg: Any, methods: Mapping[str, dict]) -> None:
+    """Before any generation (eval.py): the one-line HybridError that HybridGenerator would raise for one of
+    `methods` ({method: settings overrides}) on this pair, so that no method's generations are spent first."""
+    for method, overrides in methods.items():
+        s = HybridSettings.from_config(cfg, **overrides)
+        retokenize, _ = _check_tokenizers(thinking, base, s.retokenize_text, s.force_retokenize)
+        if not retokenize:
+            continue
+        for key, refused in (("oracle", s.control == "oracle"), ("unsteered_rerank", s.control == "unsteered_rerank"),
+                             ("granularity", s.granularity == "token"), ("candidate_mode", s.candidate_mode)):
+            if refused:
+                raise HybridError(f"eval.methods has {method}: {_RETOKENIZE_REFUSALS[key]}")
 
 
 @dataclass
@@ -130,7 +185,8 @@ class HybridSettings:
     unsteered_candidate: bool = True
     max_new_tokens: int = 512
     batch_size: int = 16
-    retokenize_text: bool = False
+    retokenize_text: bool = False  # different vocabularies: the thinking model re-encodes the base's text (module doc)
+    force_retokenize: bool = False  # tests/diagnostics: take the re-tokenisation path even for one shared vocabulary
     control: str = "none"  # one of CONTROLS
     seed: int = 0
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
@@ -190,24 +246,28 @@ def _added_vocab(tok: Any) -> dict[int, str]:
     return {int(i): str(t) for i, t in getattr(tok, "added_tokens_decoder", {}).items()}
 
 
-def _check_tokenizers(thinking: LoadedModel, base: LoadedModel, retokenize_text: bool) -> dict[int, tuple[str, str]]:
-    """Raise unless both tokenizers give every ordinary token the same id; return conflicting added tokens.
+def _check_tokenizers(thinking: LoadedModel, base: LoadedModel, retokenize_text: bool,
+                      force_retokenize: bool = False) -> tuple[bool, dict[int, tuple[str, str]]]:
+    """(retokenize, conflicts): whether the thinking model reads re-encoded text, and conflicting added tokens.
 
-    Added (special) tokens may differ, as between the R1 distills and their Qwen bases: the returned
+    Raises unless both tokenizers give every ordinary token the same id or ``retokenize_text`` is set. Added
+    (special) tokens may differ, as between the R1 distills and their Qwen bases: the returned
     {id: (base token, thinking token)} lists ids whose special meaning differs; emitting one is counted per problem
-    (``n_conflicting_tokens``) because the thinking model reads it as its own special token.
+    (``n_conflicting_tokens``) because the thinking model reads it as its own special token. With re-tokenisation
+    the thinking model reads no base ids, so there are no conflicts.
     """
     tv, bv = _plain_vocab(thinking.tokenizer), _plain_vocab(base.tokenizer)
+    if force_retokenize or (tv != bv and retokenize_text):
+        return True, {}
     if tv != bv:
-        if retokenize_text:
-            raise HybridError(_RETOKENIZE_LIMITS)
         diff = sorted(set(tv.items()) ^ set(bv.items()), key=lambda kv: kv[1])
         example = diff[0] if diff else ("?", -1)
         raise HybridError(
             f"the thinking tokenizer ({thinking.source}, {len(tv)} tokens) and the base tokenizer ({base.source}, "
             f"{len(bv)} tokens) differ ({len(diff)} mismatched token/id pairs, e.g. {example[0]!r} -> {example[1]}): "
             "the hybrid feeds the base's token ids to the thinking model, so both must share one vocabulary; use a "
-            "matching pair (hybrid.retokenize_text is not implemented)")
+            "matching pair, or set hybrid.retokenize_text=true to let the thinking model re-encode the base's text "
+            "with its own tokenizer at each sentence start (sentence granularity, no oracle/candidate controls)")
     ta, ba = _added_vocab(thinking.tokenizer), _added_vocab(base.tokenizer)
     conflicts = {i: (ba[i], ta.get(i, "")) for i in ba if ta.get(i) != ba[i]}
     conflicts.update({i: (ba.get(i, ""), ta[i]) for i in ta if ba.get(i) != ta[i]})
@@ -215,7 +275,7 @@ def _check_tokenizers(thinking: LoadedModel, base: LoadedModel, retokenize_text:
         warnings.warn(f"hybrid: {len(conflicts)} special token ids mean different things to the base and the "
                       f"thinking tokenizer (e.g. {next(iter(conflicts.items()))}); emitting one is counted as "
                       "n_conflicting_tokens", stacklevel=3)
-    return conflicts
+    return False, conflicts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,27 +332,35 @@ class SentenceStream:
         cut = cuts[-1]
         # A cut followed by visible text can no longer change (retract or move): later scans start there.
         self._final = cut if text[cut:].strip() else (cuts[-2] if len(cuts) > 1 else lo)
-        rest = text[cut:]
-        vis = len(text) - len(rest.lstrip())  # first visible char of the current sentence
-        if vis >= len(text):
-            return cut, n, n
-        vis_end = len(text.rstrip())
-        prev_end = cut  # a token starting before the previous sentence's visible end belongs to it
-        while prev_end > 0 and text[prev_end - 1].isspace():
-            prev_end -= 1
-        # Members: start in [prev_end, vis_end) and end after vis (a token starting in the gap joins the sentence
-        # its first visible character is in). Starts and ends grow with i, so the members are contiguous.
-        first = end = None
-        for i in range(n - 1, -1, -1):
-            a, b = (self.ends[i - 1] if i else 0), self.ends[i]
-            if a < prev_end or b <= vis:
-                break
-            if a < vis_end:
-                end = i + 1 if end is None else end
-                first = i
-        if end is None:
-            return cut, n, n
+        first, end = _sentence_members(text, cut, self.ends)
         return cut, first, end
+
+
+def _sentence_members(text: str, cut: int, ends: Sequence[int]) -> tuple[int, int]:
+    """Tokens [first, end) of the sentence that begins at char `cut` of `text`, for tokens where token i spans
+    [ends[i-1] (or 0), ends[i]); (n, n) when it has no token yet. The membership rule of ``attach_token_spans``."""
+    n = len(ends)
+    rest = text[cut:]
+    vis = len(text) - len(rest.lstrip())  # first visible char of the current sentence
+    if vis >= len(text):
+        return n, n
+    vis_end = len(text.rstrip())
+    prev_end = cut  # a token starting before the previous sentence's visible end belongs to it
+    while prev_end > 0 and text[prev_end - 1].isspace():
+        prev_end -= 1
+    # Members: start in [prev_end, vis_end) and end after vis (a token starting in the gap joins the sentence
+    # its first visible character is in). Starts and ends grow with i, so the members are contiguous.
+    first = end = None
+    for i in range(n - 1, -1, -1):
+        a, b = (ends[i - 1] if i else 0), ends[i]
+        if a < prev_end or b <= vis:
+            break
+        if a < vis_end:
+            end = i + 1 if end is None else end
+            first = i
+    if end is None:
+        return n, n
+    return first, end
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,7 +394,8 @@ class HybridGenerator:
     """The hybrid decoder. ``generate(questions)`` returns one result dict per question (see the module doc).
 
     Args:
-        thinking, base: loaded models sharing one tokenizer vocabulary (may be the same object).
+        thinking, base: loaded models sharing one tokenizer vocabulary (may be the same object), or, with
+            ``retokenize_text``, any two tokenizers (the thinking model then re-encodes the base's text).
         sae: a `TopKSAE` trained at ``sae_layer`` of the thinking model (it owns its input normalisation).
         vectors: {latent: [d_model of base]} steering vectors at ``steering_layer`` of the base; latents without a
             vector are never steered.
@@ -340,7 +409,13 @@ class HybridGenerator:
                  **overrides: Any):
         self.settings = s = HybridSettings.from_config(cfg, **overrides)
         self.thinking, self.base = thinking, base
-        self.conflicts = _check_tokenizers(thinking, base, s.retokenize_text)
+        self.retokenize, self.conflicts = _check_tokenizers(thinking, base, s.retokenize_text, s.force_retokenize)
+        if self.retokenize:
+            for key, refused in (("oracle", s.control == "oracle"),
+                                 ("unsteered_rerank", s.control == "unsteered_rerank"),
+                                 ("granularity", s.granularity == "token"), ("candidate_mode", s.candidate_mode)):
+                if refused:
+                    raise HybridError(_RETOKENIZE_REFUSALS[key])
         if not 0 <= sae_layer < thinking.n_layers:
             raise HybridError(f"sae_layer={sae_layer}: the thinking model has blocks 0..{thinking.n_layers - 1}")
         if not 0 <= steering_layer < base.n_layers:
@@ -390,9 +465,19 @@ class HybridGenerator:
         if s.candidate_mode and s.control == "none" and attn not in ("sdpa", "eager"):
             raise HybridError(f"hybrid.candidate_mode needs the base model's attention to be 'sdpa' or 'eager' (it "
                               f"evaluates the candidates with a custom 4D attention mask), not {attn!r}")
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = self._eos_ids(base)
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else sorted(self.eos_ids)[0]
+        if self.retokenize:  # the thinking side has its own ids: its own eos ends drafts, its own pad pads
+            try:
+                thinking.tokenizer("a.", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            except (NotImplementedError, KeyError, TypeError, ValueError):
+                raise HybridError(f"hybrid.retokenize_text needs a fast thinking tokenizer (character offsets); "
+                                  f"{thinking.source} has {type(thinking.tokenizer).__name__}") from None
+            self.thinking_eos_ids = self._eos_ids(thinking)
+            ttok = thinking.tokenizer
+            self.thinking_pad_id = (ttok.pad_token_id if ttok.pad_token_id is not None
+                                    else sorted(self.thinking_eos_ids)[0])
         self._mode: str | None = None
         self._delta: Tensor | None = None
         self._captured: Tensor | None = None
@@ -420,7 +505,10 @@ class HybridGenerator:
             texts.append(text)
             ids.append(qid)
         pairs = [self.prompts(t) for t in texts]
-        results = self.generate_ids([p[0] for p in pairs], [p[1] for p in pairs], progress=progress)
+        # random_behavior's stream: by problem id when there is one, so it does not depend on how eval.py batches
+        keys = [None if i is None else zlib.crc32(str(i).encode()) for i in ids]
+        results = self.generate_ids([p[0] for p in pairs], [p[1] for p in pairs], progress=progress,
+                                    row_keys=keys if None not in keys else None)
         for r, t, i in zip(results, texts, ids):
             r["question"] = t
             if i is not None:
@@ -429,8 +517,9 @@ class HybridGenerator:
 
     def generate_ids(self, base_ids: Sequence[Sequence[int]], thinking_ids: Sequence[Sequence[int]], *,
                      schedule: Sequence[Sequence[tuple[int | None, float]]] | None = None, record: bool = False,
-                     progress: bool | None = None) -> list[dict]:
-        """Generate from prompt token ids. `schedule[row][step] = (behavior or None, coefficient)` replaces the
+                     progress: bool | None = None, row_keys: Sequence[int] | None = None) -> list[dict]:
+        """Generate from prompt token ids. `row_keys[row]` seeds that problem's random stream (random_behavior);
+        default: its position in `base_ids`. `schedule[row][step] = (behavior or None, coefficient)` replaces the
         decision (candidate mode: only the behavior), for tests; `record` adds per-step tensors to each result
         (``record``: step_logits, unsteered_logits, candidate_logits, pooled, behavior, coefficient, at_start,
         candidates, thinking_greedy, base_greedy, emitted; one entry per step)."""
@@ -443,24 +532,28 @@ class HybridGenerator:
         for start in range(0, len(base_ids), s.batch_size):
             stop = min(start + s.batch_size, len(base_ids))
             sched = None if schedule is None else list(schedule[start:stop])
+            keys = list(range(start, stop)) if row_keys is None else list(row_keys[start:stop])
             results += self._run_batch(list(range(start, stop)), [list(x) for x in base_ids[start:stop]],
-                                       [list(x) for x in thinking_ids[start:stop]], sched, record, bar)
+                                       [list(x) for x in thinking_ids[start:stop]], sched, record, bar, keys)
         bar.close()
         return results
 
     # ------------------------------------------------------------------------------------------------ internals
 
-    def _eos_ids(self) -> set[int]:
-        eos = getattr(getattr(self.base.model, "generation_config", None), "eos_token_id", None)
+    @staticmethod
+    def _eos_ids(lm: LoadedModel) -> set[int]:
+        eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
         if eos is None:
-            eos = self.base.tokenizer.eos_token_id
+            eos = lm.tokenizer.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if not eos:
-            raise HybridError(f"the base model {self.base.source} has no eos token id")
+            raise HybridError(f"the model {lm.source} has no eos token id")
         return {int(e) for e in eos}
 
     def _hook_capture(self, hidden: Tensor) -> None:
-        if self._mode in ("think", "draft"):
+        if self._mode == "prefix":  # re-tokenisation: every position of the re-encoded prefix
+            self._captured = hidden
+        elif self._mode in ("think", "draft"):
             self._captured = hidden[:, -1]
             if self._mode == "draft":
                 raise _Stop
@@ -492,7 +585,8 @@ class HybridGenerator:
         finally:
             self._mode = None
 
-    def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any, rows: Tensor) -> Tensor:
+    def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any, rows: Tensor | None,
+                        max_tokens: int | None = None, eos_ids: set[int] | None = None) -> Tensor:
         """Mean block-`sae_layer` output over the thinking model's greedy draft of its next sentence, [A, d].
 
         Starting from `first` (its greedy next token), the thinking model writes on greedily until its own sentence
@@ -501,16 +595,21 @@ class HybridGenerator:
         names the next behavior: the emitted tokens still come from the base. A premature cut (a "3." that a later
         "14" would retract) ends the draft early; that only shortens the pooled span. Only `rows` (the batch rows at
         a sentence start) draft, on their own copy of the cache, so the others cost nothing and nothing is rolled back.
+        ``rows=None``: every row of `tcache` drafts and the cache (a throwaway one) is extended in place.
+        ``max_tokens`` (default ``draft_max_tokens``) = 1 gives the first token's output alone (``draft="token"``);
+        ``eos_ids`` (default the base's, which is the thinking model's with one shared vocabulary) end a draft.
         """
         A = first.shape[0]
-        tcache = copy.copy(tcache)
-        tcache.layers = [copy.copy(layer) for layer in tcache.layers]
-        tcache.batch_select_indices(rows)  # indexing makes new tensors: the shared cache is left untouched
+        eos_ids = self.eos_ids if eos_ids is None else eos_ids
+        if rows is not None:
+            tcache = copy.copy(tcache)
+            tcache.layers = [copy.copy(layer) for layer in tcache.layers]
+            tcache.batch_select_indices(rows)  # indexing makes new tensors: the shared cache is left untouched
         streams = [SentenceStream(self.thinking.tokenizer) for _ in range(A)]
         hs: list[list[Tensor]] = [[] for _ in range(A)]
         pooled: list[Tensor | None] = [None] * A
         tok, mask = first, tmask
-        for i in range(self.settings.draft_max_tokens):
+        for i in range(self.settings.draft_max_tokens if max_tokens is None else max_tokens):
             mask = torch.cat([mask, mask.new_ones(A, 1)], 1)
             self._captured = None
             logits = self._forward(self.thinking, "think", tok[:, None], mask, (tpos + i)[:, None], tcache,
@@ -519,7 +618,7 @@ class HybridGenerator:
             for a, t in enumerate(tok.tolist()):
                 if pooled[a] is not None:
                     continue
-                if t in self.eos_ids:
+                if t in eos_ids:
                     pooled[a] = torch.stack(hs[a]).mean(0) if hs[a] else h[a]
                     continue
                 st = streams[a]
@@ -534,6 +633,48 @@ class HybridGenerator:
             tok = logits[:, -1].argmax(-1)
         return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
 
+    def _pool_retokenized(self, prompts: list[list[int]], texts: list[str], cuts: list[int]
+                          ) -> tuple[Tensor, list[bool]]:
+        """Re-tokenisation (module doc): the pooled activations [n, d] of n rows that need a decision, and whether
+        each row drafted.
+
+        Each row's thinking input is its chat prompt ids + its generated text (`texts`) encoded by the thinking
+        tokenizer; one uncached forward over the left-padded batch gives every block-`sae_layer` output and a fresh
+        cache. A row whose current sentence (beginning at char `cuts` of its text) has no re-encoded token yet (a
+        sentence start) drafts from that cache as `_draft_sentence` does; another row pools the re-encoded tokens of
+        that sentence (found by the tokenizer's character offsets into the text and the membership rule of the
+        base's stream)."""
+        from transformers import DynamicCache
+
+        tok, tdev = self.thinking.tokenizer, self.thinking.device
+        enc = [tok(t, add_special_tokens=False, return_offsets_mapping=True) if t else None for t in texts]
+        gen = [list(e["input_ids"]) if e is not None else [] for e in enc]
+        ids, mask = self._left_pad([p + g for p, g in zip(prompts, gen)], self.thinking_pad_id, tdev)
+        T = ids.shape[1]
+        cache = DynamicCache(config=self.thinking.model.config)
+        self._captured = None
+        logits = self._forward(self.thinking, "prefix", ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache,
+                               logits_to_keep=1)
+        hidden = self._captured  # [n, T, d]
+        pooled: list[Tensor | None] = [None] * len(texts)
+        for j, (e, g) in enumerate(zip(enc, gen)):
+            if e is None:
+                continue
+            first, end = _sentence_members(texts[j], cuts[j], [b for _, b in e["offset_mapping"]])
+            if first < end:
+                pooled[j] = hidden[j, T - len(g) + first: T - len(g) + end].float().mean(0)
+        drafting = [j for j, p in enumerate(pooled) if p is None]
+        if drafting:
+            sel = torch.tensor(drafting, device=tdev)
+            if len(drafting) < len(texts):
+                cache.batch_select_indices(sel)
+            h = self._draft_sentence(logits[sel, -1].argmax(-1), mask[sel], mask[sel].sum(-1), cache, None,
+                                     max_tokens=1 if self.settings.draft == "token" else None,
+                                     eos_ids=self.thinking_eos_ids)
+            for k, j in enumerate(drafting):
+                pooled[j] = h[k]
+        return torch.stack(pooled), [j in drafting for j in range(len(texts))]
+
     def _decide(self, rows: list[_Row], pooled: Tensor) -> tuple[Tensor, Tensor]:
         """Pooled raw activations [n, d] -> (behavior [n], value [n]); behavior -1 = none."""
         pre = self.sae.pre_acts(self.sae.normalise(pooled.float()))
@@ -547,7 +688,7 @@ class HybridGenerator:
 
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
-                   schedule: list | None, record: bool, bar: Any) -> list[dict]:
+                   schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
         from transformers import DynamicCache
 
         s = self.settings
@@ -555,14 +696,17 @@ class HybridGenerator:
         B = len(indices)
         if any(len(x) < 1 for x in base_ids) or any(len(x) < 1 for x in think_ids):
             raise HybridError("empty prompt")
+        keys = indices if row_keys is None else row_keys
         rows = [_Row(index=i, stream=SentenceStream(self.base.tokenizer),
-                     rng=random.Random(s.seed * 1_000_003 + i)) for i in indices]
+                     rng=random.Random(s.seed * 1_000_003 + key)) for i, key in zip(indices, keys)]
         candidate = s.candidate_mode and s.control not in ("oracle", "unsteered_rerank")
         S = 2 if (self.steers and s.track_unsteered) else 1  # base rows per problem: steered (+ unsteered)
         K = s.n_candidates if candidate else 1
         C = s.rerank_top_c or s.n_candidates
         coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
-        H = torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype, device=tdev)
+        retok = self.retokenize  # the thinking model reads re-encoded text at decisions only: no cache, no H
+        H = None if retok else torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype,
+                                           device=tdev)
         orig = torch.arange(B, device=tdev)  # active position -> batch row (for H)
 
         with ExitStack() as stack:
@@ -580,25 +724,37 @@ class HybridGenerator:
                 bmask, bpos = bmask.repeat_interleave(2, 0), bpos.repeat_interleave(2, 0)
             feed = torch.tensor([x[-1] for x in base_ids], device=bdev)
             # Thinking: prefill the whole chat prompt; its last logits give the first thinking greedy token.
-            tcache = DynamicCache(config=self.thinking.model.config)
-            ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
-            tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
-            tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache, logits_to_keep=1)[:, -1].float()
-            tpos = tmask.sum(-1)
+            tcache = tmask = tpos = tlogits = None
+            if not retok:
+                tcache = DynamicCache(config=self.thinking.model.config)
+                ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
+                tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
+                tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
+                                        logits_to_keep=1)[:, -1].float()
+                tpos = tmask.sum(-1)
             active = list(range(B))  # batch rows still decoding, in cache order
 
             for step in range(s.max_new_tokens):
                 A = len(active)
                 arows = [rows[i] for i in active]
-                tlogp = torch.log_softmax(tlogits, -1)  # [A, V]
-                g = tlogits.argmax(-1)  # thinking greedy [A]
+                tlogp = None if retok else torch.log_softmax(tlogits, -1)  # [A, V]
+                g = None if retok else tlogits.argmax(-1)  # thinking greedy [A]
                 # ---- 1. decide
                 state = [r.stream.current() for r in arows]
                 need = [self.decides and (s.granularity == "token" or cut not in r.decided)
                         for r, (cut, _, _) in zip(arows, state)]
                 starts = [first == end for (_, first, end) in state]
                 draft_h = None
-                if any(n and st for n, st in zip(need, starts)):
+                pooled_rows, pooled = [], []
+                if retok:
+                    pooled_rows = [a for a, n in enumerate(need) if n]
+                    if pooled_rows:
+                        pooled_t, drafted = self._pool_retokenized(
+                            [think_ids[active[a]] for a in pooled_rows], [arows[a].stream.text for a in pooled_rows],
+                            [state[a][0] for a in pooled_rows])
+                        for a, d in zip(pooled_rows, drafted):
+                            arows[a].counts["drafts"] += d
+                elif any(n and st for n, st in zip(need, starts)):
                     if s.draft == "sentence":
                         rows_d = [a for a, (n, st) in enumerate(zip(need, starts)) if n and st]
                         sel = torch.tensor(rows_d, device=tdev)
@@ -611,9 +767,8 @@ class HybridGenerator:
                         draft_h = self._captured  # [A, d]
                         for layer in tcache.layers[: self.sae_layer + 1]:
                             layer.crop(-1)
-                pooled_rows, pooled = [], []
                 for a, (r, n, st, (cut, first, end)) in enumerate(zip(arows, need, starts, state)):
-                    if not n:
+                    if not n or retok:
                         continue
                     pooled_rows.append(a)
                     if st:
@@ -623,7 +778,8 @@ class HybridGenerator:
                         pooled.append(H[active[a], first:end].float().mean(0))
                 behavior = torch.tensor([r.behavior for r in arows], device=tdev)
                 if pooled_rows:
-                    pooled_t = torch.stack(pooled)
+                    if not retok:
+                        pooled_t = torch.stack(pooled)
                     beh, _val = self._decide([arows[a] for a in pooled_rows], pooled_t)
                     for j, a in enumerate(pooled_rows):
                         r = arows[a]
@@ -703,7 +859,8 @@ class HybridGenerator:
                 if candidate and s.unsteered_candidate:
                     bias_on = bias_on & (chosen < len(s.coefficients))
                 # one transfer per step, not one per row
-                e_l, g_l, st_l, ch_l = e.tolist(), g.tolist(), steered.tolist(), chosen.tolist()
+                e_l, st_l, ch_l = e.tolist(), steered.tolist(), chosen.tolist()
+                g_l = [None] * A if g is None else g.tolist()
                 u_l = None if u is None else u.tolist()
                 bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
                 sub_l = sub.tolist() if s.control == "oracle" else [False] * A
@@ -716,7 +873,7 @@ class HybridGenerator:
                         r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
                     if u_l is not None:
                         c["changed"] += e_l[a] != u_l[a]
-                        c["disagree"] += u_l[a] != g_l[a]
+                        c["disagree"] += g_l[a] is not None and u_l[a] != g_l[a]
                     c["substituted"] += sub_l[a]
                     if candidate or s.control == "unsteered_rerank":
                         c["reranked"] += ch_l[a] != 0
@@ -754,14 +911,15 @@ class HybridGenerator:
                     kbs = (kb[:, None] * S + torch.arange(S, device=bdev)).flatten()
                     bcache.batch_select_indices(kbs)
                     bmask, bpos = bmask[kbs], bpos[kbs]
-                    kt = kb.to(tdev)
-                    tcache.batch_select_indices(kt)
-                    tmask, tpos, orig = tmask[kt], tpos[kt], orig[kt]
+                    if not retok:
+                        kt = kb.to(tdev)
+                        tcache.batch_select_indices(kt)
+                        tmask, tpos, orig = tmask[kt], tpos[kt], orig[kt]
                     e = e[kb]
                     active = [active[a] for a in keep]
                 feed = e
-                if step == s.max_new_tokens - 1:
-                    break
+                if step == s.max_new_tokens - 1 or retok:
+                    continue
                 # ---- 4. the thinking model reads the emitted token
                 tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
                 tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
@@ -811,7 +969,7 @@ class HybridGenerator:
             "candidate_mode": self.settings.candidate_mode,
             "steered_fraction": c["steered"] / n,
             "changed_fraction": c["changed"] / n if track else None,
-            "disagreement_rate": c["disagree"] / n if track else None,
+            "disagreement_rate": c["disagree"] / n if track and not self.retokenize else None,
             "bias_fraction": c["bias"] / n,
             "substituted_fraction": c["substituted"] / n,
             "reranked_fraction": c["reranked"] / n,

@@ -47,6 +47,11 @@ def read_grid(train_dir: str | Path) -> dict:
                         "folder") from None
 
 
+def method_overrides(method: str) -> dict[str, Any]:
+    """The HybridGenerator settings that make eval.py's `method` (hybrid or a control)."""
+    return {"control": CONTROL_OF_METHOD[method], **({"candidate_mode": True} if method == "unsteered_rerank" else {})}
+
+
 def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: str, budget: int):
     """`fn(batch, batch_index) -> records` generating with the hybrid (or one of its controls)."""
     from sae_reasoning.hybrid import HybridGenerator
@@ -57,10 +62,7 @@ def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: 
     layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
     vectors = load_vectors(resolve_path(cfg.steer_dir), model_id=cfg.model.base.path, layer=layer,
                            d_model=base.d_model)
-    overrides: dict[str, Any] = {"control": CONTROL_OF_METHOD[method], "seed": cfg.seed, "max_new_tokens": budget,
-                                 "progress": False}
-    if method == "unsteered_rerank":
-        overrides["candidate_mode"] = True
+    overrides = {**method_overrides(method), "seed": cfg.seed, "max_new_tokens": budget, "progress": False}
     generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], vectors.vectors, vectors.bias,
                                 vectors.layer, cfg.hybrid, **overrides)
 

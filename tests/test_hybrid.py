@@ -350,6 +350,20 @@ def test_random_behavior_is_seeded_and_batch_independent(lm, sae, vectors):
         assert sum(b >= 0 for b in rec["behavior"]) == round(r["steered_fraction"] * r["n_steps"])
 
 
+def test_random_behavior_follows_the_problem_id_not_its_place_in_a_call(lm, sae, vectors):
+    """eval.py calls generate() once per batch: a problem's random stream must not depend on which batch it is in."""
+    vecs, bias = vectors
+    kw = dict(control="random_behavior", seed=5, threshold=-1e9, granularity="token", max_new_tokens=20)
+    gen = make(lm, lm, sae, vecs, bias, **kw)
+    qs = [{"id": f"q{i}", "question": q} for i, q in enumerate(QUESTIONS)]
+    whole = {r["id"]: r["token_ids"] for r in gen.generate(qs)}
+    one_by_one = {r["id"]: r["token_ids"] for q in reversed(qs) for r in gen.generate([q])}
+    assert whole == one_by_one
+    # and the stream is the problem's own: the same question under two ids gets two streams
+    twins = gen.generate([{"id": "a", "question": QUESTIONS[0]}, {"id": "b", "question": QUESTIONS[0]}])
+    assert twins[0]["token_ids"] != twins[1]["token_ids"]
+
+
 def test_oracle_substitutes_exactly_where_greedy_disagree(lm, lm2, sae, vectors):
     vecs, bias = vectors
     # Thinking = base with another prompt: they disagree often. Threshold 0 makes only some points active.
@@ -431,7 +445,7 @@ def test_sentence_granularity_holds_one_behavior_per_sentence(lm, sae, vectors):
         assert r["n_decisions"] == len(by_cut) and r["n_drafts"] >= 1
 
 
-def test_mismatched_tokenizers_refused(lm, tmp_path, sae):
+def test_mismatched_tokenizers_refused(lm, lm2, tmp_path, sae):
     other = tmp_path / "other"
     shutil.copytree(lm.source, other)
     tj = json.loads((other / "tokenizer.json").read_text())
@@ -443,9 +457,10 @@ def test_mismatched_tokenizers_refused(lm, tmp_path, sae):
     with pytest.raises(HybridError) as err:
         make(lm, lm_other, sae, {}, None)
     msg = str(err.value)
-    assert "\n" not in msg and "tokenizer" in msg and "vocabulary" in msg
-    with pytest.raises(HybridError, match="retokenize_text=true is not implemented"):
-        make(lm, lm_other, sae, {}, None, retokenize_text=True)
+    assert "\n" not in msg and "tokenizer" in msg and "vocabulary" in msg and "retokenize_text=true" in msg
+    hyb = make(lm, lm_other, sae, {}, None, retokenize_text=True)  # the text-level path (test_hybrid_retokenize.py)
+    assert hyb.retokenize and hyb.conflicts == {}
+    assert not make(lm, lm2, sae, {}, None, retokenize_text=True).retokenize  # one vocabulary: token path
 
 
 def test_config_and_validation(lm, sae, vectors):
