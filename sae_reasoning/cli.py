@@ -106,10 +106,22 @@ def run_stage(stage: Callable[[Any, Path], Any], cfg: Any) -> Any:
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         transformers.utils.logging.disable_progress_bar()
+    resume = resume_command(run_dir)
     try:
         validate(cfg)
+        print(f"run folder: {run_dir}  (after a crash or kill, resume with: {resume})", flush=True)
         return stage(cfg, run_dir)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume where it stopped", 130)
+        fail(f"interrupted; resume where it stopped with: {resume}", 130)
+
+
+def resume_command(run_dir: Path) -> str:
+    """This command line pointed at `run_dir`: Hydra's default run folder is new each time, and the stages resume
+    from their run folder (traces and activations are cached by fingerprint for any folder)."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    return shlex.join(["python", Path(sys.argv[0]).name, *args, f"hydra.run.dir={run_dir}"])
