@@ -142,7 +142,7 @@ def run_sae_lens(data, sizes, k, epochs, device, activation, split, init: str,
         v = x_n[val_idx.to(x.device)]
         for n in sizes:
             t1 = time.perf_counter()
-            params = init_params(x.shape[1], n, 0, x_init)
+            params = init_params(x.shape[1], n, 0, x_init, device=device)  # the same init, on the same device
             init_s += time.perf_counter() - t1
             sae = sae_lens_one(x_n, batches, x.shape[1], n, k, params, device, activation)
             fvus[(layer, n)] = sae_lens_fvu(sae, v)
