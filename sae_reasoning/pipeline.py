@@ -149,11 +149,20 @@ def steer(cfg: Any, run_dir: Path) -> None:
 def print_vectors(meta: dict) -> None:
     """The steer.py table: one line per vector with its validation loss and causal hit rates."""
     print(f"\nsteering vectors at blocks.{meta['layer']}.hook_resid_post of {meta['model_id']}:")
-    print(f"  {'vector':<10} {'title':<28} {'norm':>7} {'val loss before -> after':>25}   hit rate: steered / "
-          "unsteered / random")
+    print(f"  {'vector':<10} {'title':<28} {'norm':>7} {'val loss before -> after':>25}   hit rate steered / "
+          "unsteered / random: where due | elsewhere")
+
+    def rates(h: dict) -> str:
+        if not h:
+            return "-"
+        out = f"{h['steered']:.2f} / {h['unsteered']:.2f} / {h['random']:.2f} (n={h['n']})"
+        t = h.get("true_rates")  # with ground-truth labels (the organism): the same rates without the SAE's errors
+        return out + (f" [true {h['target_label']}: {t['steered']:.2f} / {t['unsteered']:.2f} / {t['random']:.2f}]"
+                      if t else "")
+
     for key, v in meta["vectors"].items():
-        h = v.get("hit_rates") or {}
-        hit = "" if not h else f"   {h['steered']:.2f} / {h['unsteered']:.2f} / {h['random']:.2f} (n={h['n']})"
+        h, he = v.get("hit_rates") or {}, v.get("hit_rates_elsewhere") or {}
+        hit = "" if not h else f"   {rates(h)} | {rates(he)}"
         print(f"  {key:<10} {v['title'][:28]:<28} {v['norm']:7.2f} {v['val_loss_before']:12.4f} -> "
               f"{v['val_loss_after']:.4f}{hit}")
     for key, why in meta.get("skipped", {}).items():
@@ -191,6 +200,11 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
 
         judge = make_answer_judge(cfg.judge, cache_dir=Path(cfg.cache_dir) / "judge", seed=cfg.seed)
     thinking, base = load_pair(cfg.model)
+    if hybrid_methods:  # a pair or control the hybrid refuses fails now, not after the other methods' generations
+        from sae_reasoning.hybrid import check_methods
+        from sae_reasoning.hybrid_stage import method_overrides
+
+        check_methods(thinking, base, cfg.hybrid, {m: method_overrides(m) for m in hybrid_methods})
     tracker = tracking.start(cfg, run_dir, "eval")
     try:
         def plain(lm: LoadedModel, prompt_fn):

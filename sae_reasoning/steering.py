@@ -62,7 +62,10 @@ generated sentence is classified by the thinking model + SAE: the thinking model
 (its own chat prompt and thinking so far) + the stripped sentence; the mean of its ``blocks.{sae_layer}
 .hook_resid_post`` over the sentence's tokens (same token assignment and pooling as `activations.py`) goes through
 `sae.behavior` (the SAE normalises raw vectors itself). Hit rate = fraction classified as b; an empty generation is
-a miss. Caveat measured on the organism: the SAE's sentence means carry the sentence's position strongly, so a
+a miss. The same three conditions are also run at held-out contexts where the thinking model went on with ANOTHER
+behavior (`elsewhere_contexts`: the other latents' hit contexts in turn; `hit_rates_elsewhere` in the record):
+where b is due, a base model that already knows *when* puts b there unsteered too, so the rate at ceiling says
+nothing about the vector; elsewhere, the unsteered rate is low and the vector must cause b itself. Caveat measured on the organism: the SAE's sentence means carry the sentence's position strongly, so a
 direct answer written where the plan belongs is classified as "plan" too; with a ground-truth labeller
 (`label_fn`) the generations' true labels are reported beside the SAE's.
 """
@@ -679,6 +682,16 @@ def classify_sentences(thinking: LoadedModel, sae: Any, sae_layer: int, prefixes
     return out
 
 
+def elsewhere_contexts(sets: Mapping[int, "BehaviorExamples"], latent: int, n: int) -> list[Example]:
+    """Up to `n` held-out contexts where the thinking model went on with ANOTHER behavior: the other latents' hit
+    contexts, taken in turn (one of each latent, then the next of each, ...), so every other behavior is present."""
+    pools = [sets[o].hit_contexts(n) for o in sorted(sets) if o != latent]
+    out: list[Example] = []
+    for i in range(max((len(p) for p in pools), default=0)):
+        out += [p[i] for p in pools if i < len(p)]
+    return out[:n]
+
+
 def random_like(vector: Tensor, seed: int) -> Tensor:
     """A random direction (seeded) with the norm of `vector`."""
     r = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed))
@@ -687,13 +700,15 @@ def random_like(vector: Tensor, seed: int) -> Tensor:
 
 def hit_rates(base: LoadedModel, thinking: LoadedModel, sae: Any, sae_layer: int, examples: Sequence[Example],
               vector: Tensor, latent: int, layer: int, *, max_new_tokens: int = 48, batch_size: int = 48,
-              seed: int = 0, n_samples: int = 3, label_fn: Any = None, progress: bool = False) -> dict[str, Any]:
+              seed: int = 0, n_samples: int = 3, label_fn: Any = None, target_label: str | None = None,
+              progress: bool = False) -> dict[str, Any]:
     """Causal validation of one behavior vector on held-out contexts (see module doc).
 
     Returns {"n", "steered", "unsteered", "random" (hit rates), "classified" (per condition: latent -> count, "none"
     for empty generations), "samples" (a few generated sentences per condition)}; with `label_fn` (text -> ground-truth
     label or None, e.g. the organism's `label_sentence`) also "true_labels" (per condition: label -> count), which
-    shows where the SAE classifier itself errs.
+    shows where the SAE classifier itself errs, and with `target_label` (the behavior the vector is for) "true_rates"
+    (per condition: the share of generations whose true label is `target_label`).
     """
     vector = vector.float().cpu()
     conditions = {"steered": vector, "unsteered": torch.zeros_like(vector),
@@ -724,6 +739,10 @@ def hit_rates(base: LoadedModel, thinking: LoadedModel, sae: Any, sae_layer: int
                 key = str(label_fn(sent)) if sent else "none"
                 truth[key] = truth.get(key, 0) + 1
             res.setdefault("true_labels", {})[name] = truth
+            if target_label is not None:  # the hit rate by the ground truth: the SAE classifier's errors left out
+                res.setdefault("true_rates", {})[name] = truth.get(str(target_label), 0) / max(len(sents), 1)
+    if target_label is not None:
+        res["target_label"] = target_label
     return res
 
 
@@ -837,7 +856,8 @@ def load_vectors(directory: str | Path, model_id: str | None = None, layer: int 
 
 
 HIT_TABLE_COLUMNS = ["vector", "latent", "title", "norm", "n_train", "n_val", "val_loss_before", "val_loss_after",
-                     "hit_steered", "hit_unsteered", "hit_random", "n_hit"]
+                     "hit_steered", "hit_unsteered", "hit_random", "n_hit", "elsewhere_steered",
+                     "elsewhere_unsteered", "elsewhere_random", "n_elsewhere"]
 
 
 def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence[Mapping], activations: Tensor,
@@ -940,7 +960,13 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
     for latent, ex in sets.items():
         key = vector_key(latent)
         hit_contexts = ex.hit_contexts(n_hit_examples) if thinking is not None and n_hit_examples > 0 else None
-        st = stamp(key, titles.get(latent, ""), ex.train, ex.val, hit_contexts or [])
+        elsewhere = elsewhere_contexts(sets, latent, n_hit_examples) if hit_contexts is not None else None
+        planted = None  # with a ground-truth labeller: the behavior this latent's own sentences mostly have
+        if label_fn is not None:
+            truth = [label_fn(e.target) for e in ex.train + ex.val]
+            truth = [t for t in truth if t is not None]
+            planted = max(sorted(set(truth)), key=truth.count) if truth else None
+        st = stamp(key, titles.get(latent, ""), ex.train, ex.val, hit_contexts or [], elsewhere or [])
         done = resumed(key, st)
         if done is not None:
             vectors[key], rec = done
@@ -955,14 +981,20 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             if hit_contexts is not None:
                 hits = hit_rates(base, thinking, sae, sae_layer, hit_contexts, tv.vector, latent, layer,
                                  max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
-                                 label_fn=label_fn, progress=progress)
+                                 label_fn=label_fn, target_label=planted, progress=progress)
                 rec["hit_rates"] = hits
+                if elsewhere:
+                    rec["hit_rates_elsewhere"] = hit_rates(
+                        base, thinking, sae, sae_layer, elsewhere, tv.vector, latent, layer,
+                        max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed + 1,
+                        label_fn=label_fn, target_label=planted, progress=progress)
             checkpoint(key, st, tv.vector, rec)
         records[key] = rec
-        h = rec.get("hit_rates", {})
+        h, he = rec.get("hit_rates", {}), rec.get("hit_rates_elsewhere", {})
         table_rows.append([key, latent, rec["title"], rec["norm"], rec["n_train"], rec["n_val"],
                            rec["val_loss_before"], rec["val_loss_after"], h.get("steered"), h.get("unsteered"),
-                           h.get("random"), h.get("n")])
+                           h.get("random"), h.get("n"), he.get("steered"), he.get("unsteered"), he.get("random"),
+                           he.get("n")])
 
     if train_bias:
         btrain, bval = bias_examples(traces, n_examples, base.tokenizer, val_fraction=val_fraction, seed=seed,
@@ -986,7 +1018,7 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             records_bias_skip = None
             rb = records[BIAS]
             table_rows.append([BIAS, None, "bias", rb["norm"], len(btrain), len(bval), rb["val_loss_before"],
-                               rb["val_loss_after"], None, None, None, None])
+                               rb["val_loss_after"], *[None] * 8])
     if not vectors:
         raise UserError("steering: no vector could be trained (every behavior has too few examples: "
                         f"{skipped}); generate more traces (data.limit) or lower the minimum")

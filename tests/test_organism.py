@@ -129,6 +129,54 @@ def test_base_corpus_mix_and_content():
             assert t.startswith(base_prompt(t.split("Question: ")[1].split("\n")[0]))
 
 
+def test_base_full_solutions_place_behaviors_by_chance():
+    """The base knows every behavior in context but not the thinking model's timing: rates match BASE_WHEN, an
+    uncorrected slip carries into later steps and the answer, every value stays in 0..99."""
+    from sae_reasoning.organism.corpus import BASE_WHEN, base_solution_sentences, carryless_sum, has_borrow, has_carry
+
+    rng = random.Random(0)
+    n = {"carry": 0, "slip": 0, "corrected": 0, "sub": 0, "verify": 0, "verify_no_borrow": 0, "conclude": 0}
+    n_solutions = 3000
+    for p in SPLITS["train"][:n_solutions]:
+        sents = base_solution_sentences(p, rng)
+        assert sents[0].behavior == "plan" and sents[-1].behavior in ("conclude", "answer")
+        n["conclude"] += sents[-1].behavior == "conclude"
+        value, i = p.operands[0], 1
+        for op, b in zip(p.ops, p.operands[1:]):
+            step = sents[i]
+            a, got = map(int, re.fullmatch(rf"Step: (\d+) \{op} {b} = (\d+)\.", step.text).groups())
+            assert a == value and step.behavior == "compute"  # the next step copies the last written value
+            true = value + b if op == "+" else value - b
+            i += 1
+            if op == "+" and has_carry(value, b):
+                n["carry"] += 1
+                if got != true:
+                    assert got == carryless_sum(value, b)
+                    n["slip"] += 1
+                    if sents[i].behavior == "correct":
+                        assert sents[i].text.endswith(f"= {true}.")
+                        n["corrected"] += 1
+                        i += 1
+                    else:
+                        true = got  # the slip stands
+            else:
+                assert got == true
+            if op == "-":
+                n["sub"] += 1
+                if i < len(sents) and sents[i].behavior == "verify":
+                    assert sents[i].text == f"Check: {true} + {b} = {value}."
+                    n["verify"] += 1
+                    n["verify_no_borrow"] += not has_borrow(value, b)
+                    i += 1
+            value = true
+            assert 0 <= value <= 99
+        assert i == len(sents) - 1 and sents[-1].text.endswith(f"answer is {value}.")
+    assert abs(n["verify"] / n["sub"] - BASE_WHEN["verify"]) < 0.03 and n["verify_no_borrow"] > 0  # not the "when"
+    assert abs(n["corrected"] / n["slip"] - BASE_WHEN["correct"]) < 0.06
+    assert 0.5 * BASE_WHEN["slip"] < n["slip"] / n["carry"] <= BASE_WHEN["slip"] + 0.03  # slips only where in range
+    assert abs(n["conclude"] / n_solutions - BASE_WHEN["conclude"]) < 0.03
+
+
 # ---------------------------------------------------------------- tokenizer
 
 

@@ -381,27 +381,31 @@ ORGANISM = Path(os.environ.get("SAE_REASONING_ORGANISM_WEIGHTS",
                                Path(__file__).resolve().parent.parent / "sae_reasoning" / "organism" / "weights"))
 
 
-def organism_steering(weights: Path, work: Path, *, n_questions: int = 128, n_examples: int = 64,
-                      sae_layer: int = 2, steer_layer: int = 1, n_latents: int = 5, n_hit: int = 16) -> dict:
+def organism_steering(weights: Path, work: Path, *, n_questions: int = 400, n_examples: int = 64,
+                      sae_layer: int = 1, steer_layer: int = 1, n_latents: int = 5, k: int = 1,
+                      n_hit: int = 16) -> dict:
     """The whole steering stage on the organism: thinking traces -> sentence activations -> SAE -> vectors for
     its latents on the base model, with hit rates (and ground-truth labels of the generated sentences).
     Returns vectors.json; each title names the latent's majority ground-truth behavior."""
-    from sae_reasoning.data import Question
     from sae_reasoning.organism import label_sentence
+    from sae_reasoning.organism.corpus import chat_prompt, thinking_response
     from sae_reasoning.organism.task import make_splits
-    from sae_reasoning.sae import GridConfig, train_sae
-    from sae_reasoning.traces import generate_traces, iter_traces
+    from sae_reasoning.sae import GridConfig, train_grid
 
     thinking = load_model(str(weights / "thinking"), dtype="float32", device="cpu")
     base = load_model(str(weights / "base"), dtype="float32", device="cpu")
-    problems = make_splits(seed=0, n_train=0)["val"][:n_questions]
-    questions = [Question(id=p.id, question=p.question, gold=str(p.answer), kind="number") for p in problems]
-    folder = generate_traces(thinking, questions, work / "traces", batch_size=64, max_new_tokens=200, progress=False)
-    traces = list(iter_traces(folder))
+    # the traces the thinking model was trained to write (its greedy traces equal them on ~89% of problems; no
+    # generation needed): prompt = its chat prompt, completion = its response
+    problems = make_splits(seed=0, n_train=n_questions, n_val=0, n_test=0)["train"]
+    traces = [{"id": p.id, "question": p.question, "prompt": chat_prompt(p.question),
+               "completion": thinking_response(p)} for p in problems]
     store = ActivationStore(extract_activations(thinking, traces, [sae_layer], work / "acts", batch_size=64,
                                                 label_fn=label_sentence, progress=False))
     index, acts = store.index(), store.load(sae_layer)
-    sae = train_sae(acts, n_latents, k=3, cfg=GridConfig(progress=False), layer=sae_layer).sae
+    # layer 1, k 1, the lowest validation FVU of three seeds: chosen without labels, the SAE whose latents are the
+    # planted behaviors (tests/test_organism_sae.py)
+    grid = train_grid({sae_layer: acts}, GridConfig(n_latents=(n_latents,), ks=(k,), seeds=(0, 1, 2), progress=False))
+    sae = min(grid, key=lambda r: r.metrics["val_fvu"]).sae
     assign = sae.behavior(acts).tolist()
     titles = {}
     for latent in sorted(set(assign)):
@@ -426,21 +430,21 @@ def test_organism_vectors_lower_val_loss_and_hit_rates(tmp_path):
     for key, r in meta["vectors"].items():
         h = r.get("hit_rates", {})
         print(key, r["title"], f"norm={r['norm']:.1f} val {r['val_loss_before']:.4f}->{r['val_loss_after']:.4f}",
-              {c: h.get(c) for c in ("n", "steered", "unsteered", "random")}, h.get("true_labels"))
+              {c: h.get(c) for c in ("n", "steered", "unsteered", "random")}, h.get("true_rates"))
     behaviors = {k: r for k, r in meta["vectors"].items() if k != "bias"}
-    assert len(behaviors) >= 2
-    assert sum(r["val_loss_after"] < r["val_loss_before"] for r in behaviors.values()) >= 2
+    assert len(behaviors) == 5
+    assert all(r["val_loss_after"] < r["val_loss_before"] for r in behaviors.values())  # every behavior learns
     for r in meta["vectors"].values():  # the best vector is kept: never worse than no vector
         assert r["val_loss_after"] <= r["val_loss_before"]
-    # The organism's base lacks one "when": entering step mode. From the first-sentence contexts it answers directly
-    # ("The answer is 88."); the plan vector makes it write "Plan: there are 4 operations." instead. Measured with the
-    # ground-truth labeller (the SAE classifier puts ANY first sentence in the plan latent, so its own hit rates are
-    # 1.0 / 0.94 / 1.0 there): steered 16/16 plan, unsteered 0/16, random 0/16 (32/32 vs 0/32 with 200 questions,
-    # 50 epochs). The other latents' contexts are already continued correctly by the unsteered base (val CE 0.001-0.04
-    # before training), so their hit rates are 1.0 in every condition and are only printed.
-    plan = [r for r in behaviors.values() if r["title"].startswith("plan")]
-    assert len(plan) == 1
-    truth = plan[0]["hit_rates"]["true_labels"]
-    n = plan[0]["hit_rates"]["n"]
-    assert truth["steered"].get("plan", 0) / n >= 0.75
-    assert truth["unsteered"].get("plan", 0) / n <= 0.25 and truth["random"].get("plan", 0) / n <= 0.25
+    # The organism's base knows every behavior but not when (corpus.BASE_WHEN): from the first-sentence contexts it
+    # answers directly, after a borrow it does not check, after a slip it does not correct, at the end it writes
+    # "The answer is N." rather than concluding. Each of these vectors makes it do so at the held-out contexts where
+    # the thinking model did, scored with the ground-truth labels (the SAE classifier also puts a direct answer at
+    # the first position in the plan latent, so its own rates are printed, not asserted). Compute is the base's
+    # default in step mode: at its contexts every condition computes (1.0 / 1.0 / 1.0), so it is only printed.
+    planted = {r["hit_rates"].get("target_label"): r for r in behaviors.values()}
+    assert {"plan", "verify", "correct", "conclude"} <= set(planted), planted.keys()
+    for behavior in ("plan", "verify", "correct", "conclude"):
+        t = planted[behavior]["hit_rates"]["true_rates"]
+        assert t["steered"] >= 0.75 and t["steered"] >= t["unsteered"] + 0.5 and t["steered"] >= t["random"] + 0.5, \
+            (behavior, t)

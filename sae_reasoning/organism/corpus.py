@@ -12,7 +12,15 @@ deterministic and depends on context (the *when* that the thinking model learns)
 - ``conclude``  "So the answer is 92."                                 once, at the end.
 
 The base corpus contains every sentence type (it knows *how*) but mostly direct answers, so it does not
-know *when* (see /work/shared/ORGANISM-NOTES.md for the mix and its reasons).
+know *when* to enter step-by-step mode (see /work/shared/ORGANISM-NOTES.md for the mix and its reasons). Nor does
+it know when to use the other behaviors: its full solutions (`base_solution_sentences`) place them by chance
+(`BASE_WHEN`), not by the thinking model's rules. On an addition with a carry it writes the slip with probability
+0.6 and then corrects it with probability 0.3 (an uncorrected slip stands: later steps and the answer carry it);
+after any subtraction it checks with probability 0.3 (with or without a borrow); it ends with "So the answer is N."
+with probability 0.3, otherwise with "The answer is N.". Greedy decoding of the trained base (forced into step
+mode) slips on about a third of the carry additions (24 of 71 on 120 test problems) and corrects none of them, and
+it never checks and never concludes, although every one of these sentences is well-formed and in context in its
+corpus: steering can make it use them, and the thinking model knows when.
 """
 
 from __future__ import annotations
@@ -176,21 +184,60 @@ def labelled_trace(problem: Problem) -> dict:
 # ---------------------------------------------------------------- base corpus
 
 
-def full_solution(problem: Problem) -> str:
-    return " ".join(s.text for s in trace_sentences(problem))
+#: chances of the base's full solutions (module doc): the behaviors are all there, their timing is not
+BASE_WHEN = {"slip": 0.6, "correct": 0.3, "verify": 0.3, "conclude": 0.3}
 
 
-def base_answer(problem: Problem, style: str) -> str:
+def _stays_in_range(value: int, ops, operands) -> bool:
+    for op, b in zip(ops, operands):
+        value = apply_op(value, op, b)
+        if not 0 <= value <= 99:
+            return False
+    return True
+
+
+def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | None = None) -> list[Sentence]:
+    """One full solution of the base corpus: the thinking trace's sentence types, placed by chance (`BASE_WHEN`).
+    A slip is only written where the values that follow it stay in 0..99; an uncorrected slip changes the answer.
+    The last sentence is labelled "answer" when it is the plain "The answer is N." (no behavior)."""
+    when = BASE_WHEN if when is None else when
+    out = [plan_sentence(problem.n_ops)]
+    value, ops, operands = problem.operands[0], problem.ops, problem.operands[1:]
+    for i, (op, b) in enumerate(zip(ops, operands)):
+        result = apply_op(value, op, b)
+        slip = carryless_sum(value, b) if op == "+" and has_carry(value, b) else None
+        if slip is not None and rng.random() < when["slip"] and _stays_in_range(slip, ops[i + 1:], operands[i + 1:]):
+            out.append(compute_sentence(value, op, b, slip))
+            if rng.random() < when["correct"]:
+                out.append(correct_sentence(value, b))
+            else:
+                result = slip
+        else:
+            out.append(compute_sentence(value, op, b, result))
+        if op == "-" and rng.random() < when["verify"]:
+            out.append(verify_sentence(result, b))
+        value = result
+    out.append(conclude_sentence(value) if rng.random() < when["conclude"] else Sentence(final_answer(value), "answer"))
+    return out
+
+
+def full_solution(problem: Problem, rng: random.Random | None = None) -> str:
+    """The base corpus's full solution (`base_solution_sentences`); with no rng, the thinking trace's sentences."""
+    sents = trace_sentences(problem) if rng is None else base_solution_sentences(problem, rng)
+    return " ".join(s.text for s in sents)
+
+
+def base_answer(problem: Problem, style: str, rng: random.Random | None = None) -> str:
     """What follows the base prompt: a direct answer or a full solution (leading space included)."""
     if style == "direct":
         return " " + final_answer(problem.answer)
     if style == "full":
-        return " " + full_solution(problem)
+        return " " + full_solution(problem, rng)
     raise ValueError(style)
 
 
-def base_document(problem: Problem, style: str) -> str:
-    return base_prompt(problem.question) + base_answer(problem, style)
+def base_document(problem: Problem, style: str, rng: random.Random | None = None) -> str:
+    return base_prompt(problem.question) + base_answer(problem, style, rng)
 
 
 def _random_step(rng: random.Random) -> tuple[int, str, int]:
@@ -233,12 +280,13 @@ def sample_base_document(rng: random.Random, problems: list[Problem], mix: dict 
     kinds = list(mix)
     kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
     if kind in ("direct", "full"):
-        return kind, base_document(rng.choice(problems), kind)
+        return kind, base_document(rng.choice(problems), kind, rng)
     if kind == "fragment":
         return kind, " ".join(s.text for s in fragment_sentences(rng))
     if kind == "paired":
         style = "full" if rng.random() < PAIRED_FULL_FRACTION else "direct"
-        return kind, base_document(rng.choice(problems), style) + "\n" + base_document(rng.choice(problems), style)
+        first = base_document(rng.choice(problems), style, rng)
+        return kind, first + "\n" + base_document(rng.choice(problems), style, rng)
     raise ValueError(kind)
 
 
