@@ -61,13 +61,18 @@ position (same hook and convention as above), with no vector, and with a random 
 generated sentence is classified by the thinking model + SAE: the thinking model reads ``text[:c0]`` of the trace
 (its own chat prompt and thinking so far) + the stripped sentence; the mean of its ``blocks.{sae_layer}
 .hook_resid_post`` over the sentence's tokens (same token assignment and pooling as `activations.py`) goes through
-`sae.behavior` (the SAE normalises raw vectors itself). Hit rate = fraction classified as b; an empty generation is
-a miss. The same three conditions are also run at held-out contexts where the thinking model went on with ANOTHER
-behavior (`elsewhere_contexts`: the other latents' hit contexts in turn; `hit_rates_elsewhere` in the record):
-where b is due, a base model that already knows *when* puts b there unsteered too, so the rate at ceiling says
-nothing about the vector; elsewhere, the unsteered rate is low and the vector must cause b itself. Caveat measured on the organism: the SAE's sentence means carry the sentence's position strongly, so a
-direct answer written where the plan belongs is classified as "plan" too; with a ground-truth labeller
-(`label_fn`) the generations' true labels are reported beside the SAE's.
+`sae.behavior` (the SAE normalises raw vectors itself), unless the SAE reconstructs that vector worse than 99% of
+the latent's own members (`latent_error_limits`, from the activations the SAE was trained on): then it is *outside*
+the taxonomy, since the argmax names some latent for any input. Why: on the organism the SAE's sentence means carry
+the sentence's position strongly, and a direct answer written where the plan belongs lands in the plan latent by
+its argmax, with a reconstruction error twice the plan members' worst. Hit rate = fraction classified as b; an
+empty or outside generation is a miss. With a ground-truth labeller (`label_fn`) the generations' true labels are
+reported beside the SAE's.
+
+The same three conditions are also run at held-out contexts where the thinking model went on with ANOTHER behavior
+(`elsewhere_contexts`: the other latents' hit contexts in turn; `hit_rates_elsewhere` in the record): where b is
+due, a base model that already knows *when* puts b there unsteered too, so a rate at ceiling says nothing about the
+vector; elsewhere, the unsteered rate is low and the vector must cause b itself.
 """
 
 from __future__ import annotations
@@ -229,6 +234,28 @@ def sae_codes(sae: Any, activations: Tensor, batch: int = 65536) -> tuple[Tensor
             codes.append(sae.encode(x))
             assign.append(sae.behavior(x))
     return torch.cat(codes), torch.cat(assign)
+
+
+OUTSIDE = -1  # classify_sentences: a sentence the SAE reconstructs worse than any of its latents' members
+
+
+@torch.no_grad()
+def reconstruction_errors(sae: Any, activations: Tensor, batch: int = 65536) -> Tensor:
+    """Per vector, the SAE's squared reconstruction error in its normalised space (unit-norm inputs: 0 = exact)."""
+    out = []
+    for i in range(0, len(activations), batch):
+        x_n = sae.normalise(activations[i: i + batch].float())
+        out.append((sae.decode(sae.encode_normalised(x_n)) - x_n).pow(2).sum(-1))
+    return torch.cat(out)
+
+
+def latent_error_limits(errors: Tensor, assign: Tensor, quantile: float = 0.99) -> dict[int, float]:
+    """Per latent, the `quantile` of its members' reconstruction errors: beyond it a sentence is not one of them."""
+    limits = {}
+    for latent in assign.unique().tolist():
+        e = errors[assign == latent].float()
+        limits[int(latent)] = float(e.quantile(quantile)) if len(e) >= 20 else float(e.max())
+    return limits
 
 
 def split_train_val(items: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -647,11 +674,14 @@ def generate_sentences(lm: LoadedModel, contexts: Sequence[Sequence[int]], vecto
 
 @torch.no_grad()
 def classify_sentences(thinking: LoadedModel, sae: Any, sae_layer: int, prefixes: Sequence[str],
-                       sentences: Sequence[str], batch_size: int = 16) -> list[int | None]:
+                       sentences: Sequence[str], batch_size: int = 16,
+                       error_limits: Mapping[int, float] | None = None) -> list[int | None]:
     """The SAE behavior of each sentence as the thinking model reads it after `prefix` (its own chat prompt and
     thinking text so far): mean of ``blocks.{sae_layer}.hook_resid_post`` over the sentence's tokens (token
     assignment of `sentences.attach_token_spans`, as in activations.py), then `sae.behavior`. None for an empty
-    sentence."""
+    sentence. With `error_limits` (`latent_error_limits`), a sentence that the SAE reconstructs worse than its
+    latent's members is OUTSIDE the taxonomy (-1): the argmax names *some* latent for any input, e.g. a direct
+    answer written where the plan belongs lands in the plan latent by its position alone."""
     if sae.d_in != thinking.d_model:
         raise UserError(f"the SAE reads {sae.d_in}-dimensional vectors but the thinking model has d_model="
                         f"{thinking.d_model}: use the SAE trained on this thinking model")
@@ -677,8 +707,11 @@ def classify_sentences(thinking: LoadedModel, sae: Any, sae_layer: int, prefixes
             attn[r, : len(x)] = 1
         hidden = resid_post(thinking, ids.to(thinking.device), attn.to(thinking.device), [sae_layer])[sae_layer]
         means = torch.stack([hidden[r, a:e].float().mean(0) for r, (a, e) in enumerate(spans)])
-        for i, beh in zip(rows, sae.behavior(means.cpu()).tolist()):
-            out[i] = int(beh)
+        behaviors = sae.behavior(means.cpu()).tolist()
+        errors = reconstruction_errors(sae, means.cpu()).tolist() if error_limits is not None else None
+        for j, (i, beh) in enumerate(zip(rows, behaviors)):
+            outside = errors is not None and errors[j] > error_limits.get(int(beh), float("inf"))
+            out[i] = OUTSIDE if outside else int(beh)
     return out
 
 
@@ -701,7 +734,7 @@ def random_like(vector: Tensor, seed: int) -> Tensor:
 def hit_rates(base: LoadedModel, thinking: LoadedModel, sae: Any, sae_layer: int, examples: Sequence[Example],
               vector: Tensor, latent: int, layer: int, *, max_new_tokens: int = 48, batch_size: int = 48,
               seed: int = 0, n_samples: int = 3, label_fn: Any = None, target_label: str | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              error_limits: Mapping[int, float] | None = None, progress: bool = False) -> dict[str, Any]:
     """Causal validation of one behavior vector on held-out contexts (see module doc).
 
     Returns {"n", "steered", "unsteered", "random" (hit rates), "classified" (per condition: latent -> count, "none"
@@ -725,11 +758,11 @@ def hit_rates(base: LoadedModel, thinking: LoadedModel, sae: Any, sae_layer: int
     for c, name in enumerate(conditions):
         sents = generated[c * len(examples): (c + 1) * len(examples)]
         labels = classify_sentences(thinking, sae, sae_layer, [e.thinking_prefix for e in examples], sents,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, error_limits=error_limits)
         res[name] = sum(lab == latent for lab in labels) / max(len(labels), 1)
         counts: dict[str, int] = {}
         for lab in labels:
-            key = "none" if lab is None else str(lab)
+            key = "none" if lab is None else "outside" if lab == OUTSIDE else str(lab)
             counts[key] = counts.get(key, 0) + 1
         res["classified"][name] = counts
         res["samples"][name] = sents[:n_samples]
@@ -899,6 +932,10 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
                         "model")
     titles = dict(titles or {})
     codes, assign = sae_codes(sae, activations)
+    # hit rates: a generated sentence the SAE reconstructs worse than 99% of its latent's members is "outside"
+    error_limits = None
+    if thinking is not None:
+        error_limits = latent_error_limits(reconstruction_errors(sae, activations), assign)
     if latents is None:
         latents = sorted(set(assign.tolist()))
     max_tokens = getattr(base.model.config, "max_position_embeddings", None)
@@ -981,13 +1018,14 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             if hit_contexts is not None:
                 hits = hit_rates(base, thinking, sae, sae_layer, hit_contexts, tv.vector, latent, layer,
                                  max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
-                                 label_fn=label_fn, target_label=planted, progress=progress)
+                                 label_fn=label_fn, target_label=planted, error_limits=error_limits,
+                                 progress=progress)
                 rec["hit_rates"] = hits
                 if elsewhere:
                     rec["hit_rates_elsewhere"] = hit_rates(
                         base, thinking, sae, sae_layer, elsewhere, tv.vector, latent, layer,
                         max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed + 1,
-                        label_fn=label_fn, target_label=planted, progress=progress)
+                        label_fn=label_fn, target_label=planted, error_limits=error_limits, progress=progress)
             checkpoint(key, st, tv.vector, rec)
         records[key] = rec
         h, he = rec.get("hit_rates", {}), rec.get("hit_rates_elsewhere", {})
@@ -1030,6 +1068,7 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
                          "batch_size": settings.batch_size, "max_norm": settings.max_norm, "seed": seed,
                          "min_examples": min_examples, "init": "zeros", "schedule": "cosine to 0",
                          "n_hit_examples": n_hit_examples, "max_new_tokens": max_new_tokens,
+                         "hit_error_limits": error_limits,
                          "generation_batch_size": generation_batch_size},
             "convention": ("vector added via hooks.add_to_resid_post at blocks.{layer}.hook_resid_post, at every "
                            "position whose next token is a target token (generation: the current last position)"),

@@ -439,12 +439,14 @@ def test_organism_vectors_lower_val_loss_and_hit_rates(tmp_path):
     # The organism's base knows every behavior but not when (corpus.BASE_WHEN): from the first-sentence contexts it
     # answers directly, after a borrow it does not check, after a slip it does not correct, at the end it writes
     # "The answer is N." rather than concluding. Each of these vectors makes it do so at the held-out contexts where
-    # the thinking model did, scored with the ground-truth labels (the SAE classifier also puts a direct answer at
-    # the first position in the plan latent, so its own rates are printed, not asserted). Compute is the base's
-    # default in step mode: at its contexts every condition computes (1.0 / 1.0 / 1.0), so it is only printed.
+    # the thinking model did. Compute is the base's default in step mode: at its contexts every condition computes
+    # (1.0 / 1.0 / 1.0), so it is only printed.
     planted = {r["hit_rates"].get("target_label"): r for r in behaviors.values()}
     assert {"plan", "verify", "correct", "conclude"} <= set(planted), planted.keys()
     for behavior in ("plan", "verify", "correct", "conclude"):
-        t = planted[behavior]["hit_rates"]["true_rates"]
-        assert t["steered"] >= 0.75 and t["steered"] >= t["unsteered"] + 0.5 and t["steered"] >= t["random"] + 0.5, \
-            (behavior, t)
+        h = planted[behavior]["hit_rates"]
+        for t in (h["true_rates"], h):  # by the ground truth, and the paper's way: by the thinking model + SAE
+            assert t["steered"] >= 0.75 and t["steered"] >= t["unsteered"] + 0.5 and \
+                t["steered"] >= t["random"] + 0.5, (behavior, t)
+    # without the SAE's "outside" test the direct answers at the first position would all count as plan
+    assert planted["plan"]["hit_rates"]["classified"]["unsteered"].get("outside", 0) >= 12
