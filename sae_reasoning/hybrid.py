@@ -120,7 +120,6 @@ partial thinking forward up to block ``sae_layer`` (token draft) or the draft of
 from __future__ import annotations
 
 import copy
-import math
 import random
 import warnings
 import zlib
@@ -319,7 +318,7 @@ class SentenceStream:
     def current(self) -> tuple[int, int, int]:
         """(cut, first, end): the char position where the current sentence begins and its member tokens
         [first, end). first == end means the current sentence has no token yet (a sentence start)."""
-        text, n = self.text, len(self.ids)
+        text = self.text
         line = text.rfind("\n") + 1
         lo = max(line, self._final)
         if lo > line:

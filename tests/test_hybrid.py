@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import stories_with_chat_template
-from sae_reasoning.hooks import add_to_resid_post, capture_resid_post, positions_delta
+from sae_reasoning.hooks import add_to_resid_post, capture_resid_post
 from sae_reasoning.hybrid import HybridError, HybridGenerator, SentenceStream
 from sae_reasoning.models import load_model
 from sae_reasoning.sae import TopKSAE

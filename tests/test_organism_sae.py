@@ -11,7 +11,7 @@ from sae_reasoning.activations import ActivationStore, extract_activations
 from sae_reasoning.models import load_model
 from sae_reasoning.organism.corpus import BEHAVIORS, chat_prompt, label_sentence, thinking_response
 from sae_reasoning.organism.task import make_splits
-from sae_reasoning.sae import GridConfig, SAESpec, train_grid
+from sae_reasoning.sae import GridConfig, train_grid
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM = REPO / "sae_reasoning" / "organism" / "weights" / "thinking"
