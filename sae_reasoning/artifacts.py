@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 META = "meta.json"
 _VERSIONED = ("torch", "transformers", "sae-lens", "transformer-lens", "tokenizers", "safetensors", "hydra-core")
@@ -111,3 +111,36 @@ def write_meta(folder: str | Path, **fields: Any) -> None:
 
 def read_meta(folder: str | Path) -> dict:
     return json.loads((Path(folder) / META).read_text())
+
+
+def shard_path(folder: str | Path, batch_index: int) -> Path:
+    return Path(folder) / f"shard-{batch_index:05d}.jsonl"
+
+
+def fill_shards(folder: str | Path, items: Sequence, batch_size: int, make_lines: Callable[[Sequence, int], list[str]],
+                *, stamp: dict, desc: str, progress: bool = True) -> list[Path]:
+    """Resumable batch job: batch b of `items` becomes `shard-b.jsonl` (`make_lines(batch, b)`, written atomically:
+    a shard is all or nothing); a rerun makes only the missing shards, so an interrupted job loses and repeats nothing.
+    `stamp` (with the batch size and item count added) is kept in `key.json`: shards made under another stamp, or
+    cut with another batch size (shard b holds batch b, so they would lose or repeat items), are deleted and redone.
+    Returns every shard path, in order."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    stamp_path = folder / "key.json"
+    want = {**stamp, "batch_size": batch_size, "n_items": len(items)}
+    if folder.exists() and (not stamp_path.exists() or json.loads(stamp_path.read_text()) != want):
+        if any(folder.glob("shard-*.jsonl")):
+            print(f"{desc}: {folder} holds shards of another configuration or batch size; regenerating them")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp_path, want)
+    batches = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+    todo = [b for b in range(len(batches)) if not shard_path(folder, b).exists()]
+    bar = tqdm(total=len(items), initial=len(items) - sum(len(batches[b]) for b in todo), desc=desc, unit="q",
+               disable=not progress)
+    for b in todo:
+        atomic_write_text(shard_path(folder, b), "".join(make_lines(batches[b], b)))
+        bar.update(len(batches[b]))
+    bar.close()
+    return [shard_path(folder, b) for b in range(len(batches))]

@@ -13,15 +13,13 @@ Run folder layout:
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from sae_reasoning.artifacts import atomic_write_json, atomic_write_text, read_jsonl
+from sae_reasoning.artifacts import atomic_write_json, atomic_write_text, fill_shards, read_jsonl
 from sae_reasoning.data import Question
 from sae_reasoning.grading import grade
 
@@ -48,27 +46,14 @@ def run_sharded(folder: Path, questions: Sequence[Question], batch_size: int, fn
     everything the generations depend on: shards made under another key are stale and are regenerated. So are
     shards cut with another batch size (shard b holds batch b: read with another size they would lose or repeat
     problems, e.g. after a rerun with a smaller eval.batch_size following an out-of-memory kill)."""
-    stamp = folder / "key.json"
-    want = {"key": key, "batch_size": batch_size, "n_questions": len(questions)}
-    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != want):
-        if any(folder.glob("shard-*.jsonl")):
-            print(f"{desc}: {folder} holds generations of another configuration or batch size; regenerating them")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, want)
-    batches = [questions[i: i + batch_size] for i in range(0, len(questions), batch_size)]
-    todo = [b for b in range(len(batches)) if not (folder / f"shard-{b:05d}.jsonl").exists()]
-    bar = tqdm(total=len(questions), initial=len(questions) - sum(len(batches[b]) for b in todo), desc=desc,
-               unit="q", disable=not progress)
-    for b in todo:
-        records = fn(batches[b], b)
-        if len(records) != len(batches[b]):
-            raise RuntimeError(f"{desc}: batch {b} returned {len(records)} records for {len(batches[b])} questions")
-        lines = [json.dumps({"id": q.id, **r}, ensure_ascii=False) + "\n" for q, r in zip(batches[b], records)]
-        atomic_write_text(folder / f"shard-{b:05d}.jsonl", "".join(lines))
-        bar.update(len(batches[b]))
-    bar.close()
-    return [r for b in range(len(batches)) for r in read_jsonl(folder / f"shard-{b:05d}.jsonl")]
+    def make_lines(batch: Sequence[Question], b: int) -> list[str]:
+        records = fn(batch, b)
+        if len(records) != len(batch):
+            raise RuntimeError(f"{desc}: batch {b} returned {len(records)} records for {len(batch)} questions")
+        return [json.dumps({"id": q.id, **r}, ensure_ascii=False) + "\n" for q, r in zip(batch, records)]
+
+    shards = fill_shards(folder, questions, batch_size, make_lines, stamp={"key": key}, desc=desc, progress=progress)
+    return [r for path in shards for r in read_jsonl(path)]
 
 
 # ------------------------------------------------------------------------------------------------ statistics

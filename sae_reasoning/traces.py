@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from sae_reasoning.artifacts import atomic_write_text, is_complete, read_jsonl, write_meta
+from sae_reasoning.artifacts import fill_shards, is_complete, read_jsonl, write_meta
 from sae_reasoning.data import Question
 from sae_reasoning.errors import DataError
 from sae_reasoning.models import LoadedModel, thinking_prompt
@@ -32,10 +31,6 @@ def check_context(lm: LoadedModel, lengths: Sequence[int], prompts: Sequence[str
             raise DataError(f"a prompt has {n} tokens but {lm.source} has a context of {limit} "
                             f"({prompt[-60:]!r}); drop that question (data.limit / a filtered file) or use a "
                             "longer-context model")
-
-
-def shard_path(folder: Path, batch_index: int) -> Path:
-    return folder / f"shard-{batch_index:05d}.jsonl"
 
 
 @torch.no_grad()
@@ -80,25 +75,19 @@ def generate_traces(lm: LoadedModel, questions: Sequence[Question], folder: str 
     folder.mkdir(parents=True, exist_ok=True)
     if is_complete(folder):
         return folder
-    batches = [questions[i: i + batch_size] for i in range(0, len(questions), batch_size)]
-    todo = [b for b in range(len(batches)) if not shard_path(folder, b).exists()]
-    bar = tqdm(total=len(questions), desc=desc, unit="q", disable=not progress,
-               initial=len(questions) - sum(len(batches[b]) for b in todo))
-    for b in todo:
-        batch = batches[b]
+    def make_lines(batch: Sequence[Question], b: int) -> list[str]:
         prompts = [prompt_fn(q.question) for q in batch]
         batch_seed = seed * 1_000_003 + b
         gens = generate_fn(prompts, batch_seed) if generate_fn else generate_batch(
             lm, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=batch_seed)
-        lines = []
-        for q, prompt, gen in zip(batch, prompts, gens):
-            record = {"id": q.id, "question": q.question, "gold": q.gold, "kind": q.kind, "prompt": prompt, **gen}
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        atomic_write_text(shard_path(folder, b), "".join(lines))  # a shard is all or nothing
-        bar.update(len(batch))
-    bar.close()
+        return [json.dumps({"id": q.id, "question": q.question, "gold": q.gold, "kind": q.kind, "prompt": prompt,
+                            **gen}, ensure_ascii=False) + "\n" for q, prompt, gen in zip(batch, prompts, gens)]
+
+    stamp = {"fingerprint": fingerprint, "model": lm.source, "max_new_tokens": max_new_tokens,
+             "temperature": temperature, "top_p": top_p, "seed": seed}
+    shards = fill_shards(folder, questions, batch_size, make_lines, stamp=stamp, desc=desc, progress=progress)
     n_truncated = sum(r["truncated"] for r in iter_traces(folder))
-    write_meta(folder, kind="traces", fingerprint=fingerprint, n_traces=len(questions), n_shards=len(batches),
+    write_meta(folder, kind="traces", fingerprint=fingerprint, n_traces=len(questions), n_shards=len(shards),
                n_truncated=n_truncated, model=lm.source, max_new_tokens=max_new_tokens, temperature=temperature,
                top_p=top_p, seed=seed, batch_size=batch_size)
     return folder

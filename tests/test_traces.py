@@ -1,5 +1,6 @@
 """Trace generation: chat template, truncation flags, and resume after SIGKILL equals an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +76,30 @@ def test_killed_generation_resumes_to_the_same_traces(chat_model, tmp_path):
     a, b = list(iter_traces(clean)), list(iter_traces(killed))
     assert len(b) == N_QUESTIONS and len({t["id"] for t in b}) == N_QUESTIONS  # nothing lost, nothing duplicated
     assert a == b  # sampled with per-batch seeds: identical, record for record
+
+
+def test_shards_cut_with_another_batch_size_are_redone(tmp_path):
+    """fill_shards (traces and eval generations): shard b holds batch b, so shards of another batch size would lose or
+    repeat items; they are deleted and redone, while shards of the same settings are kept."""
+    from sae_reasoning.artifacts import fill_shards, read_jsonl
+
+    items = [f"q{i}" for i in range(7)]
+    calls = []
+
+    def make_lines(batch, b):
+        calls.append((b, len(batch)))
+        return [json.dumps({"item": x, "shard": b}) + "\n" for x in batch]
+
+    def run(batch_size, stamp=None):
+        paths = fill_shards(tmp_path / "s", items, batch_size, make_lines, stamp=stamp or {"k": 1}, desc="t",
+                            progress=False)
+        return [r["item"] for p in paths for r in read_jsonl(p)]
+
+    assert run(2) == items and calls == [(0, 2), (1, 2), (2, 2), (3, 1)]
+    (tmp_path / "s" / "shard-00001.jsonl").unlink()  # as if killed before shard 1 was written
+    calls.clear()
+    assert run(2) == items and calls == [(1, 2)]  # only the missing shard
+    calls.clear()
+    assert run(3) == items and calls == [(0, 3), (1, 3), (2, 1)]  # another batch size: all redone, none repeated
+    calls.clear()
+    assert run(3, {"k": 2}) == items and len(calls) == 3  # another stamp: redone
