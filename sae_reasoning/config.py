@@ -122,9 +122,11 @@ class SteeringConfig:
 
 @dataclass
 class HybridConfig:
+    """The hybrid generator (sae_reasoning/hybrid.py); `hybrid.HybridSettings` adds the per-method knobs."""
+
     granularity: str = "sentence"  # sentence | token
-    threshold: float = 0.0  # SAE activation below which nothing is steered
-    coefficient: float = 1.0
+    threshold: float = 0.0  # SAE activation (max pre-activation) below which no behavior vector is applied
+    coefficient: float = 1.0  # plain mode: delta = coefficient * vector (+ bias)
     candidate_mode: bool = False
     coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
     unsteered_candidate: bool = True
@@ -136,7 +138,9 @@ class HybridConfig:
     # model would have written it; unknown text -> <unk>); granularity=sentence only; oracle, unsteered_rerank and
     # candidate_mode are refused (they need one vocabulary); disagreement_rate is None. Ignored for a shared vocabulary.
     retokenize_text: bool = False
-    draft: str = "sentence"  # sentence start: classify the thinking model's draft of its whole next sentence
+    # at a sentence start: pool the thinking model's greedy draft of its whole next sentence ("sentence", pooled
+    # exactly as the SAE was trained) or of its first token ("token")
+    draft: str = "sentence"
     draft_max_tokens: int = 64
 
 

@@ -131,6 +131,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_reasoning.config import HybridConfig
 from sae_reasoning.errors import UserError
 from sae_reasoning.hooks import add_to_resid_post
 from sae_reasoning.models import LoadedModel, thinking_prompt
@@ -173,27 +174,16 @@ def check_methods(thinking: LoadedModel, base: LoadedModel, cfg: Any, methods: M
 
 
 @dataclass
-class HybridSettings:
-    """Every knob of the hybrid decoder. `from_config` reads the fields a `config.HybridConfig` has."""
+class HybridSettings(HybridConfig):
+    """Every knob of the hybrid decoder: the user-facing ones of `config.HybridConfig` (documented there) plus
+    those eval.py and tests set per method. `from_config` reads the fields a config has."""
 
-    granularity: str = "sentence"  # sentence | token
-    threshold: float = 0.0  # SAE activation (max pre-activation) below which no behavior vector is applied
-    coefficient: float = 1.0  # plain mode: delta = coefficient * vector (+ bias)
-    candidate_mode: bool = False
-    coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
-    unsteered_candidate: bool = True
-    max_new_tokens: int = 512
-    batch_size: int = 16
-    retokenize_text: bool = False  # different vocabularies: the thinking model re-encodes the base's text (module doc)
     force_retokenize: bool = False  # tests/diagnostics: take the re-tokenisation path even for one shared vocabulary
     control: str = "none"  # one of CONTROLS
     seed: int = 0
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
     bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
     track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
-    draft: str = "sentence"  # at a sentence start: pool the thinking model's greedy draft of the whole next
-    #                          sentence ("sentence", pooled exactly as the SAE was trained) or of its first token
-    draft_max_tokens: int = 64
     progress: bool = True
 
     @classmethod
