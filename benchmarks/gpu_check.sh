@@ -14,6 +14,21 @@
 # its wandb/bin/ executables (wandb-core, wandb-symon, a Rust .so: 19 of its 20 MiB): sae-lens imports wandb but the
 # benchmark never logs to it (SAETrainerConfig's log_to_wandb=False).
 #
+# Building .whl/ (on a machine with the package index; the GPU machine has none), from the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     hydra-core==1.3.8 omegaconf==2.3.1 transformers==5.23.0 sae-lens==6.54.12 transformer-lens==3.9.0 \
+#     datasets==5.2.0 wandb==0.31.0 pydantic==2.14.4 pydantic-core==2.50.5 jaxtyping==0.3.11 better-abc==0.0.3 \
+#     simple-parsing==0.1.9 docstring-parser==0.18.0 dill==0.4.1 multiprocess==0.70.19 platformdirs==4.14.8 \
+#     opentelemetry-api==1.45.2 typing-extensions==4.16.0 typing-inspection==0.4.5 annotated-types==0.8.0 \
+#     wadler-lindig==0.1.8
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # only an sdist on PyPI; pure Python
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi abi3 \
+#     --platform manylinux2014_x86_64 -d .whl/fallback protobuf==7.36.2
+# then repack the wandb wheel without wandb/bin/ (19 of its 20 MiB; the benchmarks never log to W&B) to stay well
+# inside a 64 MiB transfer. Versions: those of requirements/constraints.txt where it pins them.
+#
 # Time: a global budget (BUDGET_S, default 420 s for the GPU run) — every benchmark runs under `timeout`, capped at
 # its own limit and at what is left of the budget; an optional run starts only if its whole limit still fits.
 # Environment knobs: OUT (required), PYTHON, SITE, BUDGET_S, THREADS (torch/OpenMP CPU threads, default 8 on GPU).
