@@ -27,9 +27,8 @@ from sae_reasoning.judges import OpenAIJudge
 
 from conftest import SHARED_DATA
 from helpers import stories_with_chat_template
-from test_judges import FakeOpenAI
+from test_judges import KEY_ENV, FakeOpenAI, api_key  # noqa: F401 - api_key: the autouse key fixture
 
-KEY_ENV = "SAE_REASONING_TEST_KEY"
 GOLD = "18"
 LONG = "I am certain: " + "x" * 400 + " CORRECT"  # ends with the word, but is not a one-word verdict
 
@@ -82,11 +81,6 @@ def server():
     s = VerdictServer()
     yield s
     s.close()
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test-key")
 
 
 def judge_for(server, model="fake-model", **kw) -> OpenAIJudge:

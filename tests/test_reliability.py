@@ -587,20 +587,27 @@ def test_killed_sae_grid_resumes_to_identical_checkpoints(trained, root):
 
 # =============================================================================== 2. SIGKILL + rerun: evaluation
 
-def test_killed_evaluation_resumes_to_identical_results(trained, chat_model, root):
-    _, args = trained
-    args = args + ["eval.methods=[base,thinking]", "eval.limit=12", "eval.batch_size=2", "eval.max_new_tokens=32",
-                   "eval.n_bootstrap=50"]
-    clean, killed = root / "eval-clean", root / "eval-killed"
+def clean_run_then_kill_per_method(args: list[str], clean: Path, killed: Path, methods, max_shard: int) -> int:
+    """eval.py's stage uninterrupted into `clean`; then eval.py into `killed`, SIGKILLed once while generating each
+    method's shards (after a random 1..max_shard of them); every killed folder must not look complete. Kills made."""
     clean.mkdir()
     pipeline.evaluate(compose_config(args), clean)
     cmd = [sys.executable, "eval.py", *args, f"hydra.run.dir={killed}"]
     rng = random.Random(SEED)
     kills = 0
-    for method in ("base", "thinking"):  # once while generating each method's shards (6 shards each)
-        target = rng.randint(1, 5)
+    for method in methods:
+        target = rng.randint(1, max_shard)
         kills += kill_when(cmd, lambda: len(list((killed / "generations" / method).glob("shard-*.jsonl"))) >= target)
         assert not complete_artifacts(killed)
+    return kills
+
+
+def test_killed_evaluation_resumes_to_identical_results(trained, chat_model, root):
+    _, args = trained
+    args = args + ["eval.methods=[base,thinking]", "eval.limit=12", "eval.batch_size=2", "eval.max_new_tokens=32",
+                   "eval.n_bootstrap=50"]
+    clean, killed = root / "eval-clean", root / "eval-killed"
+    kills = clean_run_then_kill_per_method(args, clean, killed, ("base", "thinking"), max_shard=5)  # 6 shards each
     assert kills >= 1
     pipeline.evaluate(compose_config(args), killed)  # the rerun: eval.py's stage, in-process (saves a startup)
     ra = (clean / "results.jsonl").read_text().splitlines()
@@ -691,15 +698,7 @@ def test_killed_hybrid_evaluation_resumes_to_identical_results(trained, steered,
     args = args + [f"train_dir={run}", f"steer_dir={steer_dir}", f"eval.methods=[{','.join(HYBRID_METHODS)}]",
                    "eval.limit=6", "eval.batch_size=2", "eval.max_new_tokens=16", "eval.n_bootstrap=50"]
     clean, killed = root / "hybrid-eval-clean", root / "hybrid-eval-killed"
-    clean.mkdir()
-    pipeline.evaluate(compose_config(args), clean)
-    cmd = [sys.executable, "eval.py", *args, f"hydra.run.dir={killed}"]
-    rng = random.Random(SEED)
-    kills = 0
-    for method in HYBRID_METHODS:  # once while generating each method's shards (3 shards each)
-        target = rng.randint(1, 2)
-        kills += kill_when(cmd, lambda: len(list((killed / "generations" / method).glob("shard-*.jsonl"))) >= target)
-        assert not complete_artifacts(killed)
+    kills = clean_run_then_kill_per_method(args, clean, killed, HYBRID_METHODS, max_shard=2)  # 3 shards each
     assert kills >= 2
     have = sum(len(list((killed / "generations" / m).glob("shard-*.jsonl"))) for m in HYBRID_METHODS)
     generated = []
