@@ -274,6 +274,18 @@ def test_thinking_accuracy_target(thinking_outputs):
     assert res["accuracy"] >= 0.70, res
 
 
+def test_step_mode_stats_count_early_stops_and_wrong_steps():
+    from sae_reasoning.organism.evaluate import step_mode_stats
+
+    p3 = make_problem([37, 48, 19, 5], ["+", "-", "+"])  # 85, 66, 71
+    p1 = make_problem([20, 26], ["+"])
+    texts = [" Plan: there are 3 operations. Step: 37 + 48 = 75. Wait, I forgot the carry: 37 + 48 = 85. "
+             "Step: 85 - 19 = 66. The answer is 66.",  # stops before the third operation; the slip is a wrong step
+             " Plan: there is 1 operation. Step: 20 + 26 = 46. The answer is 46."]
+    assert step_mode_stats(texts, [p3, p1]) == {"stopped_early_rate": 0.5, "step_arithmetic_accuracy": round(2 / 3, 4)}
+    assert step_mode_stats([], []) == {"stopped_early_rate": None, "step_arithmetic_accuracy": None}
+
+
 def test_base_accuracy_targets(pair):
     from sae_reasoning.organism.evaluate import evaluate_base
 
@@ -282,6 +294,7 @@ def test_base_accuracy_targets(pair):
     assert plain["accuracy"] <= 0.50, plain
     forced = evaluate_base(model, t, SAMPLE, prefix=" Plan:", batch_size=50)
     assert forced["accuracy"] >= 0.45, forced  # it knows how
+    assert forced["step_arithmetic_accuracy"] >= 0.8 and forced["stopped_early_rate"] <= 0.1, forced
     assert forced["accuracy"] >= plain["accuracy"] + 0.2
 
 

@@ -4,13 +4,15 @@
 
 prints JSON: accuracy of the thinking model (chat-template prompt), of the base model (``base_prompt``), of
 the base model forced to continue with ``" Plan:"`` (it *knows how*), and how often the base chooses step
-mode by itself (its first generated word is "Plan"), each overall and per number of operations.
+mode by itself (its first generated word is "Plan"), each overall and per number of operations; for step-mode
+answers, how often the base writes fewer steps than operations and how often its written steps are right.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -117,9 +119,31 @@ def evaluate_base(model, tokenizer, problems: list[Problem], prefix: str = "", m
     outs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     texts = [base_answer_text(prefix + o) for o in outs]
     correct = [parse_answer(t) == p.answer for t, p in zip(texts, problems)]
-    step_mode = sum(t.lstrip().startswith(("Plan", "Step")) for t in texts) / max(1, len(texts))
-    res = _summary(problems, correct, {"step_mode_rate": step_mode})
+    step_mode = [t.lstrip().startswith(("Plan", "Step")) for t in texts]
+    res = _summary(problems, correct, {"step_mode_rate": sum(step_mode) / max(1, len(texts)),
+                                       **step_mode_stats([t for t, m in zip(texts, step_mode) if m],
+                                                         [p for p, m in zip(problems, step_mode) if m])})
     return (res, texts) if return_outputs else res
+
+
+_STEP = re.compile(r"Step: (\d+) ([+-]) (\d+) = (\d+)\.")
+
+
+def step_mode_stats(texts: list[str], problems: list[Problem]) -> dict:
+    """Of step-mode answers: ``stopped_early_rate``, the share that wrote fewer steps than the problem has
+    operations, and ``step_arithmetic_accuracy``, the share of written "Step: a op b = c." sentences whose c is
+    a op b (how well it *knows how*; a slip counts as wrong, a wrongly copied operand does not)."""
+    if not texts:
+        return {"stopped_early_rate": None, "step_arithmetic_accuracy": None}
+    early, right, n_steps = 0, 0, 0
+    for t, p in zip(texts, problems):
+        steps = _STEP.findall(t)
+        early += len(steps) < p.n_ops
+        for a, op, b, c in steps:
+            n_steps += 1
+            right += int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    return {"stopped_early_rate": round(early / len(texts), 4),
+            "step_arithmetic_accuracy": round(right / n_steps, 4) if n_steps else None}
 
 
 def evaluate_pair(weights: str | Path = WEIGHTS_DIR, n: int | None = None, split: str = "test", seed: int = 0, batch_size: int = 64) -> dict:
