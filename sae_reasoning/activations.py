@@ -6,7 +6,8 @@ deepest one (no later blocks, no LM head). A sentence's vector is the mean of th
 sentence span. Note: for the *last* block this is the pre-final-norm stream, while HF's `hidden_states[-1]` is
 after the final norm; for every other block the two agree.
 
-Layout of an activation folder (written batch by batch, so memory stays bounded and a crash loses one batch):
+Layout of an activation folder (written shard by shard, so memory stays bounded; the forwards run on a window of
+shards at a time with the traces sorted by length, and a crash loses at most that window):
 
     layer_{L}/shard-{b:05d}.safetensors   {"activations": [n_sentences_in_batch, d_model]}
     index/shard-{b:05d}.jsonl             one record per sentence (trace id, sentence index, spans, text, label)
@@ -53,7 +54,7 @@ def trace_sentences(trace: dict, tokenizer: Any, min_words: int) -> tuple[list[i
 
 
 @torch.no_grad()
-def resid_post(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def resid_post(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Outputs of the requested decoder blocks, [batch, pos, d_model] each, stopping after the deepest one."""
     blocks = decoder_layers(lm.model)
@@ -78,59 +79,88 @@ def resid_post(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.T
     return captured
 
 
-def _batch_means(lm: LoadedModel, traces: Sequence[dict], layers: Sequence[int], min_words: int,
-                 label_fn: LabelFn | None, max_positions: int | None) -> tuple[dict[int, torch.Tensor], list[dict]]:
-    """Sentence means of one batch of traces: {layer: [n_sentences, d_model] float32} and the index records."""
-    tok = lm.tokenizer
-    rows, records, seg_rows, seg_starts, seg_ends = [], [], [], [], []
-    for trace in traces:
-        ids, sentences = trace_sentences(trace, tok, min_words)
-        if max_positions is not None and len(ids) > max_positions:
-            raise DataError(f"trace {trace['id']!r} has {len(ids)} tokens, more than the model's context "
-                            f"({max_positions}); lower data.max_new_tokens")
-        for s in sentences:
-            seg_rows.append(len(rows))
-            seg_starts.append(s.token_start)
-            seg_ends.append(s.token_end)
-            records.append({"trace_id": trace["id"], "sentence_index": s.index, "char_start": s.char_start,
-                            "char_end": s.char_end, "token_start": s.token_start, "token_end": s.token_end,
-                            "text": s.text, "label": label_fn(s.text) if label_fn else None})
-        rows.append(ids)
-    n_sent = len(records)
+def _prepare(trace: dict, tok: Any, min_words: int, label_fn: LabelFn | None,
+             max_positions: int | None) -> tuple[list[int], list[dict]]:
+    """Token ids of one trace and the index records of its sentences (token spans included)."""
+    ids, sentences = trace_sentences(trace, tok, min_words)
+    if max_positions is not None and len(ids) > max_positions:
+        raise DataError(f"trace {trace['id']!r} has {len(ids)} tokens, more than the model's context "
+                        f"({max_positions}); lower data.max_new_tokens")
+    records = [{"trace_id": trace["id"], "sentence_index": s.index, "char_start": s.char_start,
+                "char_end": s.char_end, "token_start": s.token_start, "token_end": s.token_end,
+                "text": s.text, "label": label_fn(s.text) if label_fn else None} for s in sentences]
+    return ids, records
+
+
+def _forward_means(lm: LoadedModel, rows: Sequence[list[int]], records: Sequence[Sequence[dict]],
+                   layers: Sequence[int]) -> list[dict[int, torch.Tensor]]:
+    """One right-padded forward over `rows` (token ids of traces); per trace, {layer: [its sentences, d_model]}."""
+    n_sent = sum(len(r) for r in records)
     if n_sent == 0:
-        return {layer: torch.zeros(0, lm.d_model) for layer in layers}, records
+        return [{layer: torch.zeros(0, lm.d_model) for layer in layers} for _ in rows]
+    tok = lm.tokenizer
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):  # right padding: positions of real tokens are unchanged by the batch
+    for i, ids in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-    hidden = resid_post(lm, input_ids.to(lm.device), attention.to(lm.device), layers)
+    # RIGHT padding and no padding mask: under the causal mask a real token only attends to earlier real tokens and
+    # keeps its positions 0..len-1, so its values are those of the trace alone; only pad positions (never pooled)
+    # see garbage. Without an explicit mask, SDPA takes its faster is_causal path.
+    hidden = resid_post(lm, input_ids.to(lm.device), None, layers)
     # Segment id of every (row, pos): the sentence it belongs to, or n_sent for "none" (dropped afterwards).
     seg = torch.full((len(rows), width), n_sent, dtype=torch.long)
-    for j, (r, a, b) in enumerate(zip(seg_rows, seg_starts, seg_ends)):
-        seg[r, a:b] = j
+    j = 0
+    for r, recs in enumerate(records):
+        for rec in recs:
+            seg[r, rec["token_start"]:rec["token_end"]] = j
+            j += 1
     counts = torch.bincount(seg.flatten(), minlength=n_sent + 1)[:n_sent].clamp(min=1).unsqueeze(1).float()
-    means = {}
+    sizes = [len(r) for r in records]
+    out: list[dict[int, torch.Tensor]] = [{} for _ in rows]
     for layer in layers:
         h = hidden[layer].float().cpu().reshape(-1, lm.d_model)
-        sums = torch.zeros(n_sent + 1, lm.d_model).index_add_(0, seg.flatten(), h)
-        means[layer] = sums[:n_sent] / counts
-        if not torch.isfinite(means[layer]).all():
-            bad = records[int((~torch.isfinite(means[layer])).any(1).nonzero()[0])]
+        means = torch.zeros(n_sent + 1, lm.d_model).index_add_(0, seg.flatten(), h)[:n_sent] / counts
+        if not torch.isfinite(means).all():
+            bad = [rec for recs in records for rec in recs][int((~torch.isfinite(means)).any(1).nonzero()[0])]
             raise DataError(f"non-finite activation at layer {layer} in trace {bad['trace_id']!r} sentence "
                             f"{bad['sentence_index']}; use model.dtype=float32 or bfloat16 (float16 overflows)")
-    return means, records
+        for r, part in enumerate(means.split(sizes)):
+            out[r][layer] = part
+    return out
+
+
+def _window_means(lm: LoadedModel, traces: Sequence[dict], layers: Sequence[int], min_words: int,
+                  label_fn: LabelFn | None, max_positions: int | None, batch_size: int
+                  ) -> list[tuple[dict[int, torch.Tensor], list[dict]]]:
+    """Per trace (in the given order): ({layer: sentence means}, index records). The forwards run on batches of
+    traces of similar token length (sorted, stable), so right padding wastes little; each trace's values do not
+    depend on which traces share its batch (right padding, causal attention: equal up to float rounding)."""
+    prepared = [_prepare(t, lm.tokenizer, min_words, label_fn, max_positions) for t in traces]
+    order = sorted(range(len(traces)), key=lambda i: len(prepared[i][0]))
+    out: list = [None] * len(traces)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        means = _forward_means(lm, [prepared[i][0] for i in idx], [prepared[i][1] for i in idx], layers)
+        for i, m in zip(idx, means):
+            out[i] = (m, prepared[i][1])
+    return out
 
 
 def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequence[int], folder: str | Path, *,
                         batch_size: int = 8, min_words: int = 3, dtype: str = "float32",
-                        label_fn: LabelFn | None = None, progress: bool = True, fingerprint: str = "") -> Path:
-    """Write the sentence activations of `traces` at `layers` into `folder` (resumable). Returns the folder."""
+                        label_fn: LabelFn | None = None, progress: bool = True, fingerprint: str = "",
+                        sort_window: int = 8) -> Path:
+    """Write the sentence activations of `traces` at `layers` into `folder` (resumable). Returns the folder.
+
+    Shard b holds traces [b * batch_size, (b + 1) * batch_size) in their order, whatever the batching. The forwards
+    run on `sort_window` shards at a time, their traces sorted by token length into batches of `batch_size` (less
+    padding: traces of a thinking model vary several-fold in length); a crash loses at most one window."""
     folder = Path(folder)
     if is_complete(folder):
         return folder
+    if sort_window < 1:
+        raise DataError(f"sort_window={sort_window}: must be >= 1 (1 = no sorting across shards)")
     layers = sorted(set(int(x) for x in layers))
     bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
     if bad:
@@ -143,21 +173,15 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
     todo = [b for b in range(len(batches)) if not (index_dir / f"shard-{b:05d}.jsonl").exists()]
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc="activations", unit="batch",
                disable=not progress)
-    for b in todo:
-        means, records = _batch_means(lm, batches[b], layers, min_words, label_fn, max_positions)
-        for layer in layers:
-            tensor = means[layer].to(store_dtype).contiguous()
-            if not torch.isfinite(tensor).all():  # e.g. float16 overflows above 65504
-                raise DataError(f"activations at layer {layer} overflow data.activation_dtype={dtype}; use "
-                                "data.activation_dtype=float32 or bfloat16")
-            path = folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"activations": tensor}, str(tmp))
-            os.replace(tmp, path)
-        atomic_write_text(index_dir / f"shard-{b:05d}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        bar.update(1)
+    for w in range(0, len(todo), sort_window):
+        window = todo[w: w + sort_window]
+        per_trace = _window_means(lm, [t for b in window for t in batches[b]], layers, min_words, label_fn,
+                                  max_positions, batch_size)
+        pos = 0
+        for b in window:
+            part, pos = per_trace[pos: pos + len(batches[b])], pos + len(batches[b])
+            _write_shard(folder, b, layers, part, store_dtype, dtype)
+            bar.update(1)
     bar.close()
     store = ActivationStore(folder, require_complete=False)
     index = store.index()
@@ -169,6 +193,25 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
                n_shards=len(batches), min_words=min_words, model=lm.source,
                hook_names=[resid_post_hook_name(layer) for layer in layers])
     return folder
+
+
+def _write_shard(folder: Path, b: int, layers: Sequence[int], per_trace: Sequence[tuple[dict, list[dict]]],
+                 store_dtype: torch.dtype, dtype: str) -> None:
+    """Shard b: its tensors first, then its index (the index marks the shard complete)."""
+    records = [rec for _, recs in per_trace for rec in recs]
+    for layer in layers:
+        parts = [m[layer] for m, _ in per_trace]
+        tensor = torch.cat(parts).to(store_dtype).contiguous()  # a shard has >= 1 trace
+        if not torch.isfinite(tensor).all():  # e.g. float16 overflows above 65504
+            raise DataError(f"activations at layer {layer} overflow data.activation_dtype={dtype}; use "
+                            "data.activation_dtype=float32 or bfloat16")
+        path = folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"activations": tensor}, str(tmp))
+        os.replace(tmp, path)
+    atomic_write_text(folder / "index" / f"shard-{b:05d}.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 class ActivationStore:

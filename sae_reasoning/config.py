@@ -68,6 +68,8 @@ class DataConfig:
     min_words: int = 3
     activation_dtype: str = "float32"  # float32 | float16 | bfloat16 on disk
     activation_batch_size: int = 8
+    # forwards run on this many activation batches at a time, their traces sorted by length (less padding)
+    activation_sort_window: int = 8
 
 
 @dataclass
@@ -277,6 +279,7 @@ def validate(cfg: Any) -> None:
     _positive(d.batch_size, "data.batch_size")
     _positive(d.tensor_parallel_size, "data.tensor_parallel_size")
     _positive(d.activation_batch_size, "data.activation_batch_size")
+    _positive(d.activation_sort_window, "data.activation_sort_window")
     _positive(d.min_words, "data.min_words", allow_zero=True)
     _choice(d.backend, "data.backend", ("hf", "vllm"))
     _choice(d.activation_dtype, "data.activation_dtype", ("float32", "float16", "bfloat16"))

@@ -78,6 +78,7 @@ def sentence_activations(cfg: Any, tracker: tracking.Tracker | None = None) -> A
                                 top_p=cfg.data.top_p, seed=cfg.data.seed, progress=cfg.progress, fingerprint=t_fp)
         traces = list(iter_traces(traces_dir))
         extract_activations(lm, traces, cfg.model.sae_layers, acts_dir, batch_size=cfg.data.activation_batch_size,
+                            sort_window=cfg.data.activation_sort_window,
                             min_words=cfg.data.min_words, dtype=cfg.data.activation_dtype,
                             label_fn=label_function(cfg), progress=cfg.progress, fingerprint=a_fp)
     store = ActivationStore(acts_dir)

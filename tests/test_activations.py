@@ -68,6 +68,40 @@ def test_activations_match_hidden_states(stories, tmp_path):
         assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
 
 
+def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
+    """Forwards on length-sorted batches across a window of shards: every shard still holds its own traces in order,
+    and the vectors equal one-shard-at-a-time extraction (no sorting) and a window that is cut by a kill."""
+    import json
+
+    base = make_traces()
+    # 7 traces of very different lengths, in an order that sorting changes
+    traces = [{**base[i % 3], "id": f"t{i}", "completion": base[i % 3]["completion"].replace(
+        "</think>", " More words here. " * (i % 4) + "</think>")} for i in (5, 0, 3, 6, 1, 4, 2)]
+    plain = ActivationStore(extract_activations(stories, traces, [1], tmp_path / "plain", batch_size=2, min_words=2,
+                                                sort_window=1, progress=False))
+    folder = extract_activations(stories, traces, [1], tmp_path / "sorted", batch_size=2, min_words=2, sort_window=3,
+                                 progress=False)
+    sorted_ = ActivationStore(folder)
+    for b in range(4):  # shard b = traces 2b, 2b + 1, whatever batches the forwards ran on
+        ids = [json.loads(line)["trace_id"] for line in (folder / "index" / f"shard-{b:05d}.jsonl").open()]
+        assert list(dict.fromkeys(ids)) == [t["id"] for t in traces[2 * b: 2 * b + 2]]
+    assert sorted_.index() == plain.index()
+    assert torch.allclose(sorted_.load(1), plain.load(1), atol=1e-5)
+    # resume: shards 1 and 3 missing (as after a kill), the rest is kept and the result is the same
+    part = tmp_path / "part"
+    extract_activations(stories, traces, [1], part, batch_size=2, min_words=2, sort_window=3, progress=False)
+    (part / "meta.json").unlink()
+    for b in (1, 3):
+        (part / "index" / f"shard-{b:05d}.jsonl").unlink()
+    kept = (part / "index" / "shard-00000.jsonl").stat().st_mtime_ns
+    resumed = ActivationStore(extract_activations(stories, traces, [1], part, batch_size=2, min_words=2,
+                                                  sort_window=3, progress=False))
+    assert (part / "index" / "shard-00000.jsonl").stat().st_mtime_ns == kept
+    assert resumed.index() == plain.index() and torch.allclose(resumed.load(1), plain.load(1), atol=1e-5)
+    with pytest.raises(DataError, match="sort_window"):
+        extract_activations(stories, traces, [1], tmp_path / "bad", sort_window=0, progress=False)
+
+
 def test_forward_stops_at_the_deepest_layer(stories):
     calls = []
     handle = stories.model.model.layers[4].register_forward_hook(lambda *a: calls.append(1))
