@@ -4,7 +4,7 @@
 
 Both runs train the same vector (zero start, Adam lr 1e-2, cosine) on the same examples for the same fixed
 number of epochs (no early stopping: patience > epochs); only `TrainSettings.batch_size` differs (16, the
-config default, against 1). Each epoch also evaluates the validation split (with the same batch size), and
+config default, against 1). Batches are bucketed by length as in training (`steering.bucketed_batches`). Each epoch also evaluates the validation split (with the same batch size), and
 `train_vector` computes the unsteered train/val losses before and the train loss after: all inside the timed call.
 examples/s = (epochs x (n_train + n_val) + 2 n_train + n_val) / seconds, i.e. every example forward the call
 makes. The steering layer is ~37% of depth (METHOD.md step 6). Examples are thinking sentences of organism
@@ -64,11 +64,17 @@ def main() -> None:
     train, val = examples[:n_train], examples[n_train:]
     tokens = [len(e.input_ids) for e in examples]
     n_forward = epochs * (len(train) + len(val)) + 2 * len(train) + len(val)
-    # padded / real tokens of the batched run's first epoch (train_vector's shuffle: seed 0)
+    # padded / real tokens of the batched run's first epoch (train_vector's length buckets, seed 0), and of plain
+    # shuffled batches (what the buckets replace)
+    from sae_reasoning.steering import bucketed_batches
+
+    def pad_ratio(batches):
+        chunks = [[len(train[j].input_ids) for j in b] for b in batches]
+        return sum(max(c) * len(c) for c in chunks) / sum(sum(c) for c in chunks)
+
+    padding = pad_ratio(bucketed_batches(train, args.batch_size, torch.Generator().manual_seed(0)))
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    chunks = [[len(train[j].input_ids) for j in perm[i: i + args.batch_size]]
-              for i in range(0, len(train), args.batch_size)]
-    padding = sum(max(c) * len(c) for c in chunks) / sum(sum(c) for c in chunks)
+    padding_shuffled = pad_ratio([perm[i: i + args.batch_size] for i in range(0, len(train), args.batch_size)])
     C.log(f"steering: {len(train)} train / {len(val)} val examples ({sum(tokens) / len(tokens):.0f} tokens mean), "
           f"layer {layer}, {epochs} epochs, batch {args.batch_size} vs 1, {repeats} repeats")
 
@@ -89,6 +95,7 @@ def main() -> None:
                   "tokens_per_example": {"mean": sum(tokens) / len(tokens), "min": min(tokens), "max": max(tokens)},
                   "example_forwards_per_call": n_forward, "repeats": repeats,
                   "batched_padded_over_real_tokens": padding,
+                  "shuffled_batches_padded_over_real_tokens": padding_shuffled,
                   "model_dtype": str(next(base.model.parameters()).dtype),
                   "timing": "interleaved rounds after one warm-up round; medians"},
         "seconds": {k: {"median": med[k], "all": v} for k, v in times.items()},

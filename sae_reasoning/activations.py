@@ -167,6 +167,11 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
         raise DataError(f"layers {bad} do not exist: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
     store_dtype = TORCH_DTYPES[dtype]
     max_positions = getattr(lm.model.config, "max_position_embeddings", None)
+    # a kill while a shard was being written leaves its temporary file (".shard-....tmp*"); one process writes a
+    # folder, so any temporary file found at the start is such debris
+    for stray in folder.glob("**/.*.tmp*"):
+        if stray.is_file():
+            stray.unlink(missing_ok=True)
     batches = [traces[i: i + batch_size] for i in range(0, len(traces), batch_size)]
     index_dir = folder / "index"
     index_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ models must share a tokenizer; where the two tokenisations disagree on a target 
 after the base prompt vs "Plan" after "<think>\\n") that position falls back to the CE of the base token.
 Adam (lr 1e-2), cosine decay to 0 over max_epochs x steps_per_epoch, early stopping on the validation loss
 (patience epochs without improvement; the best vector is kept), optional max_norm (projection after each step).
-The vector starts at ZERO: the loss before training is the unsteered loss, and training is deterministic. The
+Batches are bucketed by length (`bucketed_batches`: a seeded shuffle, runs of 8 batches sorted by length, batch
+order shuffled), and evaluation batches run shortest first, so padding stays small. The vector starts at ZERO: the loss before training is the unsteered loss, and training is deterministic. The
 base model's weights are frozen (requires_grad off while training); the vector is float32 and cast to the model's
 dtype inside the hook. Each behavior vector is trained without the bias vector (the hybrid adds both).
 
@@ -481,25 +482,47 @@ def batch_loss(lm: LoadedModel, vector: Tensor | None, examples: Sequence[Exampl
     return torch.zeros(len(examples), device=device, dtype=per_token.dtype).index_add_(0, ex_id, per_token) / counts
 
 
+def by_length(examples: Sequence[Example]) -> list[int]:
+    """Indices of `examples` from shortest to longest (stable): batches of neighbours pad little."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+
+
+def bucketed_batches(examples: Sequence[Example], batch_size: int, gen: torch.Generator,
+                     window: int = 8) -> list[list[int]]:
+    """One epoch of training batches: a seeded shuffle, each run of ``window * batch_size`` examples sorted by
+    length and cut into batches, the batches shuffled. Every example once; padding only between similar lengths
+    (contexts of real thinking traces range from a few hundred to thousands of tokens)."""
+    perm = torch.randperm(len(examples), generator=gen).tolist()
+    batches = []
+    for w in range(0, len(perm), window * batch_size):
+        run = sorted(perm[w: w + window * batch_size], key=lambda i: len(examples[i].input_ids))
+        batches += [run[i: i + batch_size] for i in range(0, len(run), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 @torch.no_grad()
 def example_losses(lm: LoadedModel, vector: Tensor | None, examples: Sequence[Example], layer: int, *,
                    batch_size: int = 16, objective: str = "ce", thinking: LoadedModel | None = None,
                    progress: bool = False, desc: str = "loss") -> Tensor:
-    """Per-example mean target loss ``[len(examples)]`` (CPU float32)."""
-    out = []
+    """Per-example mean target loss ``[len(examples)]`` (CPU float32), in the order of `examples` (the batches
+    run in length order)."""
+    order = by_length(examples)
+    out = torch.zeros(len(examples))
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(batch_loss(lm, vector, examples[i: i + batch_size], layer, objective=objective,
-                              thinking=thinking, reduce=False).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        idx = order[i: i + batch_size]
+        out[idx] = batch_loss(lm, vector, [examples[j] for j in idx], layer, objective=objective,
+                              thinking=thinking, reduce=False).float().cpu()
+    return out
 
 
 @torch.no_grad()
 def split_loss(lm: LoadedModel, vector: Tensor | None, examples: Sequence[Example], layer: int, *,
                batch_size: int = 16, objective: str = "ce", thinking: LoadedModel | None = None) -> float:
-    """Token-weighted mean target loss of a whole split."""
+    """Token-weighted mean target loss of a whole split (batches in length order)."""
     total, n = 0.0, 0
+    order = by_length(examples)
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = [examples[j] for j in order[i: i + batch_size]]
         k = sum(e.t_end - e.t_start for e in chunk)
         total += float(batch_loss(lm, vector, chunk, layer, objective=objective, thinking=thinking)) * k
         n += k
@@ -565,10 +588,9 @@ def train_vector(lm: LoadedModel, train: Sequence[Example], val: Sequence[Exampl
         history, bad, epoch = [], 0, 0
         bar = tqdm(range(1, s.max_epochs + 1), desc=desc, disable=not progress, leave=False)
         for epoch in bar:
-            perm = torch.randperm(len(train), generator=gen).tolist()
             running, n_tok = 0.0, 0
-            for i in range(0, len(train), s.batch_size):
-                chunk = [train[j] for j in perm[i: i + s.batch_size]]
+            for batch_idx in bucketed_batches(train, s.batch_size, gen):
+                chunk = [train[j] for j in batch_idx]
                 loss = batch_loss(lm, vec, chunk, layer, objective=s.objective, thinking=thinking)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -70,7 +70,8 @@ def test_activations_match_hidden_states(stories, tmp_path):
 
 def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
     """Forwards on length-sorted batches across a window of shards: every shard still holds its own traces in order,
-    and the vectors equal one-shard-at-a-time extraction (no sorting) and a window that is cut by a kill."""
+    and the vectors equal one-shard-at-a-time extraction (no sorting) and a window that is cut by a kill (whose
+    half-written temporary files are removed)."""
     import json
 
     base = make_traces()
@@ -93,10 +94,13 @@ def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
     (part / "meta.json").unlink()
     for b in (1, 3):
         (part / "index" / f"shard-{b:05d}.jsonl").unlink()
+    (part / "index" / ".shard-00001.jsonl.tmp-123-456").write_text("{half a rec")  # what a kill mid-write leaves
+    (part / "layer_1" / ".shard-00003.safetensors.tmp").write_bytes(b"half")
     kept = (part / "index" / "shard-00000.jsonl").stat().st_mtime_ns
     resumed = ActivationStore(extract_activations(stories, traces, [1], part, batch_size=2, min_words=2,
                                                   sort_window=3, progress=False))
     assert (part / "index" / "shard-00000.jsonl").stat().st_mtime_ns == kept
+    assert not list(part.rglob(".*.tmp*"))
     assert resumed.index() == plain.index() and torch.allclose(resumed.load(1), plain.load(1), atol=1e-5)
     with pytest.raises(DataError, match="sort_window"):
         extract_activations(stories, traces, [1], tmp_path / "bad", sort_window=0, progress=False)

@@ -266,6 +266,27 @@ def test_training_lowers_validation_loss(lm, examples):
     assert float(capped.vector.norm()) <= 0.5 + 1e-5
 
 
+def test_length_buckets_and_length_ordered_losses(lm, examples):
+    """Training batches: every example once per epoch, seeded, less padding than plain shuffled batches; the
+    length-ordered evaluation gives each example its own loss (batch of one) in the caller's order."""
+    sets, _ = examples
+    ex = sets[1].train + sets[0].train  # two groups of different lengths
+    lengths = [len(e.input_ids) for e in ex]
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    batches = st.bucketed_batches(ex, 4, torch.Generator().manual_seed(0), window=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(ex)))
+    assert all(len(b) <= 4 for b in batches) and len(batches) == -(-len(ex) // 4)
+    assert batches == st.bucketed_batches(ex, 4, torch.Generator().manual_seed(0), window=3)
+    perm = torch.randperm(len(ex), generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(batches) < padded([perm[i: i + 4] for i in range(0, len(ex), 4)])
+    losses = st.example_losses(lm, None, ex, STEER_LAYER, batch_size=5)
+    one_by_one = torch.cat([st.example_losses(lm, None, [e], STEER_LAYER, batch_size=1) for e in ex])
+    assert torch.allclose(losses, one_by_one, atol=1e-5)
+
+
 def test_generation_applies_the_vector_as_in_training(lm, examples):
     """Cached, left-padded generation with the vector at the current last position == the training forward."""
     sets, _ = examples
