@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -319,17 +320,32 @@ def test_bias_only_equals_zeroed_vectors(lm, sae, vectors):
     assert [r["token_ids"] for r in a] != plain_greedy(lm, QUESTIONS, 30)  # the bias itself does act
 
 
-def test_random_vectors_keep_norms(lm, sae, vectors):
+def test_random_vectors_keep_norms_and_are_drawn_per_problem(lm, sae, vectors):
     vecs, bias = vectors
     hyb = make(lm, lm, sae, vecs, bias, control="random_vectors", seed=3)
     real = make(lm, lm, sae, vecs, bias)
+    assert torch.equal(hyb.vectors, real.vectors) and torch.equal(hyb.bias, real.bias)  # the bias stays the real one
+    r7, r8 = hyb.random_vectors(7), hyb.random_vectors(8)
     for k, v in vecs.items():
-        assert torch.allclose(hyb.vectors[k].norm(), v.norm(), rtol=1e-5)
-        assert torch.cosine_similarity(hyb.vectors[k], v, dim=0) < 0.9
-    assert torch.equal(hyb.vectors[N_LATENTS - 1], torch.zeros(D))
-    assert torch.equal(hyb.bias, real.bias)
-    again = make(lm, lm, sae, vecs, bias, control="random_vectors", seed=3)
-    assert torch.equal(again.vectors, hyb.vectors)
+        assert torch.allclose(r7[k].norm(), v.norm(), rtol=1e-5)
+        assert torch.cosine_similarity(r7[k], v, dim=0) < 0.9
+        assert torch.cosine_similarity(r7[k], r8[k], dim=0) < 0.9  # another problem, another draw
+    assert torch.equal(r7[N_LATENTS - 1], torch.zeros(D))
+    assert torch.equal(make(lm, lm, sae, vecs, bias, control="random_vectors", seed=3).random_vectors(7), r7)
+    assert not torch.equal(make(lm, lm, sae, vecs, bias, control="random_vectors", seed=4).random_vectors(7), r7)
+    # the generations use each problem's own draw, whatever the batch: batched == one problem at a time
+    big = {k: v * 20 for k, v in vecs.items()}
+    kw = dict(control="random_vectors", seed=3, threshold=-1e9, granularity="token", max_new_tokens=20)
+    gen = make(lm, lm, sae, big, bias, **kw)
+    qs = [{"id": f"q{i}", "question": q} for i, q in enumerate(QUESTIONS)]
+    whole = {r["id"]: r["token_ids"] for r in gen.generate(qs)}
+    assert whole == {r["id"]: r["token_ids"] for q in reversed(qs) for r in gen.generate([q])}
+    # and that draw is what steers: one problem alone, with its drawn vectors given as the real ones
+    key = zlib.crc32(b"q0")
+    drawn = {k: gen.random_vectors(key)[k] for k in big}
+    alone = make(lm, lm, sae, drawn, bias, **{**kw, "control": "none"}).generate([qs[0]])[0]["token_ids"]
+    assert alone == whole["q0"] != make(lm, lm, sae, big, bias, **{**kw, "control": "none"}).generate(
+        [qs[0]])[0]["token_ids"]
 
 
 def test_random_behavior_is_seeded_and_batch_independent(lm, sae, vectors):
