@@ -1,7 +1,8 @@
 """The hybrid decoder (METHOD.md step 7): the base model writes, the thinking model decides when and how to steer it.
 
-One owned decode loop with a KV cache (transformers ``DynamicCache``) for each model; every step costs one cached
-forward of each model on the new token (plus the extras listed under *Cost*), never a recomputation of the prefix.
+One owned decode loop with a KV cache (transformers ``DynamicCache`` whose layers append in place:
+``kv_cache.GrowingLayer``) for each model; every step costs one cached forward of each model on the new token (plus
+the extras listed under *Cost*), never a recomputation of the prefix.
 
 Per step, for every unfinished row (problem) of a batch:
 
@@ -640,14 +641,14 @@ class HybridGenerator:
         sentence start) drafts from that cache as `_draft_sentence` does; another row pools the re-encoded tokens of
         that sentence (found by the tokenizer's character offsets into the text and the membership rule of the
         base's stream)."""
-        from transformers import DynamicCache
+        from sae_reasoning.kv_cache import growing_cache
 
         tok, tdev = self.thinking.tokenizer, self.thinking.device
         enc = [tok(t, add_special_tokens=False, return_offsets_mapping=True) if t else None for t in texts]
         gen = [list(e["input_ids"]) if e is not None else [] for e in enc]
         ids, mask = self._left_pad([p + g for p, g in zip(prompts, gen)], self.thinking_pad_id, tdev)
         T = ids.shape[1]
-        cache = DynamicCache(config=self.thinking.model.config)
+        cache = growing_cache(self.thinking.model.config)
         self._captured = None
         logits = self._forward(self.thinking, "prefix", ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache,
                                logits_to_keep=1)
@@ -685,7 +686,7 @@ class HybridGenerator:
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
                    schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
-        from transformers import DynamicCache
+        from sae_reasoning.kv_cache import growing_cache
 
         s = self.settings
         bdev, tdev = self.base.device, self.thinking.device
@@ -711,7 +712,7 @@ class HybridGenerator:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
             stack.enter_context(add_to_resid_post(self.base.model, self.steering_layer, self._hook_steer))
             # Base: prefill all but the last prompt token (no steering there); the last one is fed at step 0.
-            bcache = DynamicCache(config=self.base.model.config)
+            bcache = growing_cache(self.base.model.config)
             ids, bmask = self._left_pad([x[:-1] for x in base_ids], self.pad_id, bdev)
             bpos = (bmask.cumsum(-1) - 1).clamp(min=0)
             if ids.shape[1] > 0:
@@ -724,7 +725,7 @@ class HybridGenerator:
             # Thinking: prefill the whole chat prompt; its last logits give the first thinking greedy token.
             tcache = tmask = tpos = tlogits = None
             if not retok:
-                tcache = DynamicCache(config=self.thinking.model.config)
+                tcache = growing_cache(self.thinking.model.config)
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -944,9 +945,13 @@ class HybridGenerator:
     @staticmethod
     def _keep_candidate(cache: Any, T: int, chosen: Tensor, K: int) -> None:
         """Reduce the K candidate entries appended at position T to the chosen one per row, in place."""
+        from transformers.cache_utils import DynamicLayer
+
+        from sae_reasoning.kv_cache import GrowingLayer
+
         rows = torch.arange(chosen.shape[0], device=chosen.device)
         for layer in cache.layers:
-            if type(layer).__name__ != "DynamicLayer":
+            if type(layer) not in (DynamicLayer, GrowingLayer):
                 raise HybridError(f"candidate mode needs plain DynamicLayer caches, got {type(layer).__name__} "
                                   "(sliding-window or other special attention)")
             for name in ("keys", "values"):
