@@ -177,6 +177,36 @@ def test_base_full_solutions_place_behaviors_by_chance():
     assert abs(n["conclude"] / n_solutions - BASE_WHEN["conclude"]) < 0.03
 
 
+def test_base_when_stop_ends_solutions_one_operation_early():
+    """The compute-deficit corpus (`--base-when stop=0.6`): only before the last of 2+ operations, at that rate, the
+    answer being the value reached so far; with the default (0) nothing changes and no random number is drawn."""
+    from sae_reasoning.organism.corpus import BASE_WHEN, base_solution_sentences
+    from sae_reasoning.organism.train import main as train_main
+
+    assert BASE_WHEN["stop"] == 0
+    rng, n_multi, n_stop = random.Random(0), 0, 0
+    for p in SPLITS["train"][:3000]:
+        sents = base_solution_sentences(p, rng, {"stop": 0.6})
+        steps = [x for x in sents if x.behavior == "compute"]
+        n_multi += p.n_ops >= 2
+        if len(steps) < p.n_ops:
+            n_stop += 1
+            assert len(steps) == p.n_ops - 1 >= 1, (p.question, sents)
+            value = None  # the value reached: the last step's result, or its correction's
+            for x in sents:
+                if x.behavior in ("compute", "correct"):
+                    value = int(x.text.rstrip(".").split("= ")[1])
+            assert sents[-1].text.endswith(f"answer is {value}."), sents
+    assert abs(n_stop / n_multi - 0.6) < 0.03
+    same_a, same_b = random.Random(1), random.Random(1)
+    for p in SPLITS["train"][:200]:
+        assert base_solution_sentences(p, same_a) == base_solution_sentences(p, same_b, {"stop": 0.0})
+    for bad in (["stop"], ["stop=1.5"], ["nope=0.1"], ["stop=x"]):
+        with pytest.raises(SystemExit) as e:
+            train_main(["--out", "/nonexistent/never-written", "--base-when", *bad])
+        assert e.value.code == 2
+
+
 # ---------------------------------------------------------------- tokenizer
 
 

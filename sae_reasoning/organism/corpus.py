@@ -20,7 +20,8 @@ after any subtraction it checks with probability 0.3 (with or without a borrow);
 with probability 0.3, otherwise with "The answer is N.". Greedy decoding of the trained base (forced into step
 mode) slips on about a third of the carry additions (24 of 71 on 120 test problems) and corrects none of them, and
 it never checks and never concludes, although every one of these sentences is well-formed and in context in its
-corpus: steering can make it use them, and the thinking model knows when.
+corpus: steering can make it use them, and the thinking model knows when. (``BASE_WHEN["stop"]``, 0 here, is the
+knob of an experiment with a base that also lacks the *when* of compute; see the README.)
 """
 
 from __future__ import annotations
@@ -184,8 +185,10 @@ def labelled_trace(problem: Problem) -> dict:
 # ---------------------------------------------------------------- base corpus
 
 
-#: chances of the base's full solutions (module doc): the behaviors are all there, their timing is not
-BASE_WHEN = {"slip": 0.6, "correct": 0.3, "verify": 0.3, "conclude": 0.3}
+#: chances of the base's full solutions (module doc): the behaviors are all there, their timing is not.
+#: "stop" (0 in the shipped base): a solution of 2+ operations ends before its last operation with this chance,
+#: answering with the value reached so far (the compute-deficit experiment of the README; `train --base-when`).
+BASE_WHEN = {"slip": 0.6, "correct": 0.3, "verify": 0.3, "conclude": 0.3, "stop": 0.0}
 
 
 def _stays_in_range(value: int, ops, operands) -> bool:
@@ -199,11 +202,14 @@ def _stays_in_range(value: int, ops, operands) -> bool:
 def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | None = None) -> list[Sentence]:
     """One full solution of the base corpus: the thinking trace's sentence types, placed by chance (`BASE_WHEN`).
     A slip is only written where the values that follow it stay in 0..99; an uncorrected slip changes the answer.
-    The last sentence is labelled "answer" when it is the plain "The answer is N." (no behavior)."""
-    when = BASE_WHEN if when is None else when
+    ``when["stop"] > 0``: the premature stop (see `BASE_WHEN`); at 0 no random number is drawn for it, so the
+    shipped corpus is unchanged. The last sentence is labelled "answer" when it is the plain "The answer is N." (no behavior)."""
+    when = BASE_WHEN if when is None else {**BASE_WHEN, **when}
     out = [plan_sentence(problem.n_ops)]
     value, ops, operands = problem.operands[0], problem.ops, problem.operands[1:]
     for i, (op, b) in enumerate(zip(ops, operands)):
+        if when["stop"] > 0 and i == len(ops) - 1 and i > 0 and rng.random() < when["stop"]:
+            break  # the premature stop: the answer is written one operation early
         result = apply_op(value, op, b)
         slip = carryless_sum(value, b) if op == "+" and has_carry(value, b) else None
         if slip is not None and rng.random() < when["slip"] and _stays_in_range(slip, ops[i + 1:], operands[i + 1:]):
@@ -221,23 +227,23 @@ def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | N
     return out
 
 
-def full_solution(problem: Problem, rng: random.Random | None = None) -> str:
+def full_solution(problem: Problem, rng: random.Random | None = None, when: dict | None = None) -> str:
     """The base corpus's full solution (`base_solution_sentences`); with no rng, the thinking trace's sentences."""
-    sents = trace_sentences(problem) if rng is None else base_solution_sentences(problem, rng)
+    sents = trace_sentences(problem) if rng is None else base_solution_sentences(problem, rng, when)
     return " ".join(s.text for s in sents)
 
 
-def base_answer(problem: Problem, style: str, rng: random.Random | None = None) -> str:
+def base_answer(problem: Problem, style: str, rng: random.Random | None = None, when: dict | None = None) -> str:
     """What follows the base prompt: a direct answer or a full solution (leading space included)."""
     if style == "direct":
         return " " + final_answer(problem.answer)
     if style == "full":
-        return " " + full_solution(problem, rng)
+        return " " + full_solution(problem, rng, when)
     raise ValueError(style)
 
 
-def base_document(problem: Problem, style: str, rng: random.Random | None = None) -> str:
-    return base_prompt(problem.question) + base_answer(problem, style, rng)
+def base_document(problem: Problem, style: str, rng: random.Random | None = None, when: dict | None = None) -> str:
+    return base_prompt(problem.question) + base_answer(problem, style, rng, when)
 
 
 def _random_step(rng: random.Random) -> tuple[int, str, int]:
@@ -274,19 +280,20 @@ def fragment_sentences(rng: random.Random) -> list[Sentence]:
     return out
 
 
-def sample_base_document(rng: random.Random, problems: list[Problem], mix: dict | None = None) -> tuple[str, str]:
-    """``(kind, text)`` of one base-corpus document (without bos/eos)."""
+def sample_base_document(rng: random.Random, problems: list[Problem], mix: dict | None = None,
+                         when: dict | None = None) -> tuple[str, str]:
+    """``(kind, text)`` of one base-corpus document (without bos/eos); `when` overrides entries of `BASE_WHEN`."""
     mix = DEFAULT_BASE_MIX if mix is None else mix
     kinds = list(mix)
     kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
     if kind in ("direct", "full"):
-        return kind, base_document(rng.choice(problems), kind, rng)
+        return kind, base_document(rng.choice(problems), kind, rng, when)
     if kind == "fragment":
         return kind, " ".join(s.text for s in fragment_sentences(rng))
     if kind == "paired":
         style = "full" if rng.random() < PAIRED_FULL_FRACTION else "direct"
-        first = base_document(rng.choice(problems), style, rng)
-        return kind, first + "\n" + base_document(rng.choice(problems), style, rng)
+        first = base_document(rng.choice(problems), style, rng, when)
+        return kind, first + "\n" + base_document(rng.choice(problems), style, rng, when)
     raise ValueError(kind)
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .corpus import DEFAULT_BASE_MIX, sample_base_document, thinking_document
+from .corpus import BASE_WHEN, DEFAULT_BASE_MIX, sample_base_document, thinking_document
 from .task import Problem, make_splits
 
 IGNORE = -100
@@ -60,6 +60,7 @@ class TrainConfig:
     data_seed: int = 0
     n_train_problems: int = 50_000
     base_mix: dict = field(default_factory=lambda: dict(DEFAULT_BASE_MIX))
+    base_when: dict = field(default_factory=dict)  # overrides of corpus.BASE_WHEN (empty: the shipped corpus)
     max_drops_per_row: int = 3
     model: ModelSpec = field(default_factory=ModelSpec)
 
@@ -110,12 +111,13 @@ def thinking_examples(tokenizer, problems: list[Problem], seed: int, chunk: int 
             yield enc.ids, labels
 
 
-def base_examples(tokenizer, problems: list[Problem], seed: int, mix: dict | None = None, chunk: int = 512):
+def base_examples(tokenizer, problems: list[Problem], seed: int, mix: dict | None = None, chunk: int = 512,
+                  when: dict | None = None):
     """Endless ``(ids, labels)`` of base documents: ``<bos> text <eos>``, every token but ``<bos>`` trained."""
     rng = random.Random(f"base-data-{seed}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     while True:
-        texts = [sample_base_document(rng, problems, mix)[1] for _ in range(chunk)]
+        texts = [sample_base_document(rng, problems, mix, when)[1] for _ in range(chunk)]
         for ids in _encode_many(tokenizer, texts):
             ids = [bos] + ids + [eos]
             yield ids, [IGNORE] + ids[1:]
@@ -188,7 +190,7 @@ def train_model(tokenizer, problems: list[Problem], cfg: TrainConfig, progress: 
     if cfg.kind == "thinking":
         stream = thinking_examples(tokenizer, problems, cfg.data_seed)
     elif cfg.kind == "base":
-        stream = base_examples(tokenizer, problems, cfg.data_seed, cfg.base_mix)
+        stream = base_examples(tokenizer, problems, cfg.data_seed, cfg.base_mix, when=cfg.base_when or None)
     else:
         raise ValueError(cfg.kind)
     history, t0, ema = [], time.time(), None
@@ -251,6 +253,21 @@ def save_model_dir(model, tokenizer, out_dir: str | Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 
+def parse_base_when(items: list[str], ap: argparse.ArgumentParser) -> dict:
+    """``["stop=0.6", ...]`` -> ``{"stop": 0.6}``; unknown keys or chances outside [0, 1] end with one usage line."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            p = float(value)
+        except ValueError:
+            p = None
+        if not sep or key not in BASE_WHEN or p is None or not 0 <= p <= 1:
+            ap.error(f"--base-when {item!r}: use KEY=P with KEY one of {', '.join(BASE_WHEN)} and 0 <= P <= 1")
+        out[key] = p
+    return out
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -263,8 +280,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["thinking", "base"], default=None, help="train just one model")
+    ap.add_argument("--base-when", nargs="+", default=[], metavar="KEY=P",
+                    help=f"override chances of the base corpus (corpus.BASE_WHEN: {BASE_WHEN}), e.g. stop=0.6")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    base_when = parse_base_when(args.base_when, ap)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -278,7 +298,8 @@ def main(argv=None) -> dict:
     for kind, steps in (("thinking", args.steps_thinking), ("base", args.steps_base)):
         if args.only and kind != args.only:
             continue
-        cfg = TrainConfig(kind=kind, steps=steps, seed=args.seed, data_seed=args.seed)
+        cfg = TrainConfig(kind=kind, steps=steps, seed=args.seed, data_seed=args.seed,
+                          base_when=base_when if kind == "base" else {})
         t0 = time.time()
         model, history = train_model(tokenizer, splits["train"], cfg, progress=not args.no_progress)
         seconds = time.time() - t0
