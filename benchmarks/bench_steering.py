@@ -4,8 +4,9 @@
 
 Both runs train the same vector (zero start, Adam lr 1e-2, cosine) on the same examples for the same fixed
 number of epochs (no early stopping: patience > epochs); only `TrainSettings.batch_size` differs (16, the
-config default, against 1). Batches are bucketed by length as in training (`steering.bucketed_batches`). Each epoch also evaluates the validation split (with the same batch size), and
-`train_vector` computes the unsteered train/val losses before and the train loss after: all inside the timed call.
+config default, against 1); batches are bucketed by length as in training (`steering.bucketed_batches`). Each
+epoch also evaluates the validation split (with the same batch size), and `train_vector` computes the unsteered
+train/val losses before and the train loss after: all inside the timed call.
 examples/s = (epochs x (n_train + n_val) + 2 n_train + n_val) / seconds, i.e. every example forward the call
 makes. The steering layer is ~37% of depth (METHOD.md step 6). Examples are thinking sentences of organism
 traces, in the base model's context (base prompt + thinking so far), built by `steering.sentence_example`.

@@ -46,9 +46,10 @@ after the base prompt vs "Plan" after "<think>\\n") that position falls back to 
 Adam (lr 1e-2), cosine decay to 0 over max_epochs x steps_per_epoch, early stopping on the validation loss
 (patience epochs without improvement; the best vector is kept), optional max_norm (projection after each step).
 Batches are bucketed by length (`bucketed_batches`: a seeded shuffle, runs of 8 batches sorted by length, batch
-order shuffled), and evaluation batches run shortest first, so padding stays small. The vector starts at ZERO: the loss before training is the unsteered loss, and training is deterministic. The
-base model's weights are frozen (requires_grad off while training); the vector is float32 and cast to the model's
-dtype inside the hook. Each behavior vector is trained without the bias vector (the hybrid adds both).
+order shuffled), and evaluation batches run shortest first, so padding stays small. The vector starts at ZERO: the
+loss before training is the unsteered loss, and training is deterministic. The base model's weights are frozen
+(requires_grad off while training); the vector is float32 and cast to the model's dtype inside the hook. Each
+behavior vector is trained without the bias vector (the hybrid adds both).
 
 Bias vector: one example per trace, context = base_prompt(question) + " ", target = the whole thinking text
 (stripped); examples are a seeded sample of the traces, trained the same way.
