@@ -19,16 +19,15 @@ A batch is complete when its index shard exists (written after its tensors).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-from sae_reasoning.artifacts import atomic_write_text, is_complete, read_jsonl, read_meta, write_meta
+from sae_reasoning.artifacts import atomic_write_bytes, atomic_write_text, is_complete, read_jsonl, read_meta, write_meta
 from sae_reasoning.errors import DataError
 from sae_reasoning.models import LoadedModel, TORCH_DTYPES, decoder_layers, resid_post_hook_name
 from sae_reasoning.sentences import Sentence, attach_token_spans, split_sentences, thinking_span
@@ -210,11 +209,8 @@ def _write_shard(folder: Path, b: int, layers: Sequence[int], per_trace: Sequenc
         if not torch.isfinite(tensor).all():  # e.g. float16 overflows above 65504
             raise DataError(f"activations at layer {layer} overflow data.activation_dtype={dtype}; use "
                             "data.activation_dtype=float32 or bfloat16")
-        path = folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"activations": tensor}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors",
+                           safetensors_save({"activations": tensor}))
     atomic_write_text(folder / "index" / f"shard-{b:05d}.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 

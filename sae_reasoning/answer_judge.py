@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sae_reasoning.artifacts import atomic_write_text
+from sae_reasoning.config import SECOND_OPINION_NEEDS_LLM
 from sae_reasoning.data import Question
 from sae_reasoning.errors import UserError
 from sae_reasoning.grading import answer_part
@@ -54,8 +55,7 @@ MAX_REPLY_CHARS = 200
 OUTAGE_AFTER = 32  # consecutive failed problems: the judge is down, the rest of the method is not asked
 SYSTEM = ("You check the final answers of a model to math problems against reference answers. "
           "Answer with one JSON object and nothing else.")
-OFFLINE_REFUSED = ("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible server) "
-                   "or judge=hf; the offline judge only labels latents and cannot read answers")
+OFFLINE_REFUSED = SECOND_OPINION_NEEDS_LLM  # validate() refuses the same configuration with the same line
 
 
 # ------------------------------------------------------------------------------------------------ request / reply

@@ -146,6 +146,10 @@ class HybridConfig:
     draft_max_tokens: int = 64
 
 
+SECOND_OPINION_NEEDS_LLM = ("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible "
+                            "server) or judge=hf; the offline judge only labels latents and cannot read answers")
+
+
 @dataclass
 class EvalConfig:
     """eval.py: which methods run on which split, with what budget."""
@@ -344,8 +348,7 @@ def validate(cfg: Any) -> None:
     if not 0 <= e.shard_index < e.num_shards:
         raise ConfigError(f"eval.shard_index={e.shard_index}: must be in 0..{e.num_shards - 1}")
     if e.second_opinion and cfg.judge.backend == "offline":
-        raise ConfigError("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible "
-                          "server) or judge=hf; the offline judge only labels latents and cannot read answers")
+        raise ConfigError(SECOND_OPINION_NEEDS_LLM)
 
     _choice(cfg.wandb.mode, "wandb.mode", ("offline", "online", "disabled"))
     # Files last: a missing file is the likeliest message to hide the others.

@@ -167,12 +167,18 @@ def check_methods(thinking: LoadedModel, base: LoadedModel, cfg: Any, methods: M
     for method, overrides in methods.items():
         s = HybridSettings.from_config(cfg, **overrides)
         retokenize, _ = _check_tokenizers(thinking, base, s.retokenize_text, s.force_retokenize)
-        if not retokenize:
-            continue
-        for key, refused in (("oracle", s.control == "oracle"), ("unsteered_rerank", s.control == "unsteered_rerank"),
-                             ("granularity", s.granularity == "token"), ("candidate_mode", s.candidate_mode)):
-            if refused:
-                raise HybridError(f"eval.methods has {method}: {_RETOKENIZE_REFUSALS[key]}")
+        refusal = _retokenize_refusal(s) if retokenize else None
+        if refusal:
+            raise HybridError(f"eval.methods has {method}: {refusal}")
+
+
+def _retokenize_refusal(s: "HybridSettings") -> str | None:
+    """The line refusing settings `s` on the re-tokenisation path, or None when it supports them."""
+    for key, refused in (("oracle", s.control == "oracle"), ("unsteered_rerank", s.control == "unsteered_rerank"),
+                         ("granularity", s.granularity == "token"), ("candidate_mode", s.candidate_mode)):
+        if refused:
+            return _RETOKENIZE_REFUSALS[key]
+    return None
 
 
 @dataclass
@@ -402,12 +408,9 @@ class HybridGenerator:
         self.settings = s = HybridSettings.from_config(cfg, **overrides)
         self.thinking, self.base = thinking, base
         self.retokenize, self.conflicts = _check_tokenizers(thinking, base, s.retokenize_text, s.force_retokenize)
-        if self.retokenize:
-            for key, refused in (("oracle", s.control == "oracle"),
-                                 ("unsteered_rerank", s.control == "unsteered_rerank"),
-                                 ("granularity", s.granularity == "token"), ("candidate_mode", s.candidate_mode)):
-                if refused:
-                    raise HybridError(_RETOKENIZE_REFUSALS[key])
+        refusal = _retokenize_refusal(s) if self.retokenize else None
+        if refusal:
+            raise HybridError(refusal)
         if not 0 <= sae_layer < thinking.n_layers:
             raise HybridError(f"sae_layer={sae_layer}: the thinking model has blocks 0..{thinking.n_layers - 1}")
         if not 0 <= steering_layer < base.n_layers:
