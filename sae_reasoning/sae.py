@@ -18,12 +18,12 @@ Model (one SAE, `TopKSAE`, the plain reference written the obvious way):
 - Layouts follow sae-lens (W_enc `[d_in, n_latents]`, W_dec `[n_latents, d_in]`), so the same ops in the same
   order give the same bits in sae-lens.
 
-Grid trainer (`train_grid`): all SAEs of one layer (every n_latents x k x seed) are trained as one stack.
-Parameters are padded to the largest n_latents; padded latents get pre-activation -inf so they are never selected
-and never receive gradient, and their decoder rows stay zero. k may differ per SAE: the stack takes the top
-k_max and keeps the first k_s of them (topk is sorted). Adam is written out vectorised so that each SAE gets its
-own learning rate lr = base_lr / sqrt(n_latents / 2**14), with exactly torch.optim.Adam's arithmetic. Each SAE
-early-stops on its own validation FVU: it keeps its best parameters and is dropped from the stack.
+Grid trainer (`train_grid`): all SAEs of one layer (every n_latents x k x seed) are trained as one stack, their
+latents concatenated (`_Stack`); the loss is computed without reconstructing x_hat (`_Stack.sq_errors`) and its
+gradients are written out (`_Stack.loss_and_grads`). k may differ per SAE: the stack takes the top k_max and keeps
+the first k_s of them (sorted). Adam is written out vectorised so that each SAE gets its own learning rate
+lr = base_lr / sqrt(n_latents / 2**14), with exactly torch.optim.Adam's arithmetic. Each SAE early-stops on its own
+validation FVU: it keeps its best parameters and is dropped from the stack.
 
 Determinism: an SAE's initial parameters depend only on (d_in, n_latents, seed); the train/val split and the batch
 order depend only on `data_seed` and are shared by every SAE of the grid, so an SAE trained alone sees exactly
@@ -130,23 +130,30 @@ def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, i
         raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
     gen = torch.Generator().manual_seed(seed)
     sq = x.pow(2).sum(1)
+    x_t = x.T.contiguous()  # [d, N], made contiguous once for every round
 
-    def dist2(c: Tensor) -> Tensor:  # [N, n] squared distances, clamped against rounding below 0
-        return (sq[:, None] - 2 * x @ c.T + c.pow(2).sum(1)[None]).clamp_min(0)
+    def dist2_to(c: Tensor) -> Tensor:  # [N] squared distances to one centre, clamped against rounding below 0
+        return torch.addmv(sq + c.pow(2).sum(), x, c, alpha=-2).clamp_min_(0)
+
+    def nearest(c: Tensor) -> Tensor:
+        # argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [n, N] so that the reduction over the
+        # centres vectorises over the rows (`_topk_indices`: argmin over a 50-wide row was most of a round)
+        scores = torch.addmm(c.pow(2).sum(1, keepdim=True), c, x_t, alpha=-2)  # [n, N]
+        return _topk_indices(scores.neg_().unsqueeze(0), 1)[0, 0]
 
     best, best_inertia = None, math.inf
     for _ in range(n_init):
         idx = [int(torch.randint(len(x), (1,), generator=gen))]
-        d2 = (x - x[idx[0]]).pow(2).sum(1)
+        d2 = dist2_to(x[idx[0]])
         for _k in range(1, n):
             total = float(d2.sum())
             probs = (d2 / total if total > 0 else torch.full_like(d2, 1 / len(d2))).cpu().double()
             idx.append(int(torch.multinomial(probs, 1, generator=gen)))
-            d2 = torch.minimum(d2, (x - x[idx[-1]]).pow(2).sum(1))
+            d2 = torch.minimum(d2, dist2_to(x[idx[-1]]))
         c = x[idx].clone()
         assign = None
         for _it in range(iters):
-            new = dist2(c).argmin(1)
+            new = nearest(c)
             if assign is not None and torch.equal(new, assign):
                 break
             assign = new
@@ -154,7 +161,8 @@ def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, i
             counts = torch.bincount(assign, minlength=n).float()
             keep = counts > 0  # an empty cluster keeps its centre
             c[keep] = sums[keep] / counts[keep, None]
-        inertia = float(dist2(c).min(1).values.sum())
+        assign = nearest(c)
+        inertia = float((x - c[assign]).pow(2).sum())
         if inertia < best_inertia:
             best, best_inertia = c, inertia
     return best.cpu()
@@ -276,101 +284,211 @@ class SignedTopK(nn.Module):
 
 @dataclass
 class _Stack:
-    """S SAEs of one layer, padded to L = max n_latents. Shapes: W_enc [S, d, L], b_enc [S, L], W_dec [S, L, d],
-    b_dec [S, d], latent_mask [S, L] (False on padding), k [S], lr [S]."""
+    """S SAEs of one layer with their latents concatenated, no padding: N = sum of the n_latents.
 
-    W_enc: Tensor
+    Parameters: W_enc_t [N, d] (the encoder's columns, as rows), b_enc [N], W_dec [N, d], b_dec [S, d].
+    Per SAE: n [S] (n_latents), k [S], lr [S]. Derived (`_index`): seg [N], the SAE of each latent, and
+    pad_map [S, L] (L = max n), the row of SAE s's latent j, or N for j >= n_s; slots [N], the inverse. The
+    top-k runs on a padded [S, L, B] copy of the pre-activations (-inf on padding), with no gradient, and
+    everything else on the N real rows.
+    Why concatenated: with the paper's sizes 5..50 padding to 50 wasted 45% of every product and Adam update."""
+
+    W_enc_t: Tensor
     b_enc: Tensor
     W_dec: Tensor
     b_dec: Tensor
-    latent_mask: Tensor
+    n: Tensor
     k: Tensor
     lr: Tensor
+    seg: Tensor = field(init=False)
+    pad_map: Tensor = field(init=False)
+    slots: Tensor = field(init=False)
 
-    PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+    PARAMS = ("W_enc_t", "b_enc", "W_dec", "b_dec")
+
+    def __post_init__(self) -> None:
+        self._index()
+
+    def _index(self) -> None:
+        device = self.W_dec.device
+        ns = self.n.tolist()
+        starts = torch.tensor([0, *np.cumsum(ns)[:-1].tolist()], device=device)
+        self.seg = torch.repeat_interleave(torch.arange(len(ns), device=device), self.n.to(device))
+        j = torch.arange(max(ns), device=device)
+        real = j < self.n.to(device).view(-1, 1)  # [S, L]
+        self.pad_map = torch.where(real, starts.view(-1, 1) + j, sum(ns))
+        self.slots = real.view(-1).nonzero().squeeze(1)  # [N]: where row i sits in the flattened [S, L]
 
     @classmethod
     def build(cls, params: Sequence[Mapping[str, Tensor]], ks: Sequence[int], lrs: Sequence[float], device):
-        S, d = len(params), params[0]["W_enc"].shape[0]
-        ns = [p["W_enc"].shape[1] for p in params]
-        L = max(ns)
-        st = cls(
-            W_enc=torch.zeros(S, d, L),
-            b_enc=torch.zeros(S, L),
-            W_dec=torch.zeros(S, L, d),
-            b_dec=torch.zeros(S, d),
-            latent_mask=torch.zeros(S, L, dtype=torch.bool),
+        return cls(
+            W_enc_t=torch.cat([p["W_enc"].T for p in params]).to(device),
+            b_enc=torch.cat([p["b_enc"] for p in params]).to(device),
+            W_dec=torch.cat([p["W_dec"] for p in params]).to(device),
+            b_dec=torch.stack([p["b_dec"] for p in params]).to(device),
+            n=torch.tensor([p["W_enc"].shape[1] for p in params]),
             k=torch.tensor(list(ks)),
             lr=torch.tensor(list(lrs), dtype=torch.float32),
         )
-        for s, (p, n) in enumerate(zip(params, ns)):
-            st.W_enc[s, :, :n], st.b_enc[s, :n] = p["W_enc"], p["b_enc"]
-            st.W_dec[s, :n], st.b_dec[s] = p["W_dec"], p["b_dec"]
-            st.latent_mask[s, :n] = True
-        return st.to(device)
-
-    def to(self, device) -> "_Stack":
-        return _Stack(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
 
     def params(self) -> list[Tensor]:
         return [getattr(self, p) for p in self.PARAMS]
 
+    def lrs(self) -> list[Tensor]:
+        """Per-parameter learning rates shaped to broadcast against `params()` (each latent row takes its SAE's)."""
+        lr = self.lr.to(self.W_dec.device)
+        per_row = lr[self.seg]
+        return [per_row.view(-1, 1), per_row, per_row.view(-1, 1), lr.view(-1, 1)]
+
+    def keep_rows(self, keep: Tensor) -> list[Tensor]:
+        """For SAEs `keep` (indices into S): the rows of each parameter (and of its optimiser state) to keep."""
+        rows = torch.cat([self.pad_map[s, : int(self.n[s])] for s in keep.tolist()])
+        return [rows, rows, rows, keep.to(self.W_dec.device)]
+
     def select(self, keep: Tensor) -> "_Stack":
-        """Keep SAEs `keep` (indices into S) and trim the padding to their largest n_latents."""
-        L = int(self.latent_mask[keep].sum(1).max())
-        return _Stack(
-            W_enc=self.W_enc[keep, :, :L],
-            b_enc=self.b_enc[keep, :L],
-            W_dec=self.W_dec[keep, :L],
-            b_dec=self.b_dec[keep],
-            latent_mask=self.latent_mask[keep, :L],
-            k=self.k[keep],
-            lr=self.lr[keep],
-        )
+        """Keep SAEs `keep`; detached copies of their parameters."""
+        rows = self.keep_rows(keep)
+        return _Stack(*[getattr(self, p)[r].detach().clone() for p, r in zip(self.PARAMS, rows)],
+                      n=self.n[keep.cpu()], k=self.k[keep.cpu()], lr=self.lr[keep.cpu()])
 
     def unstack(self, s: int) -> dict[str, Tensor]:
-        n = int(self.latent_mask[s].sum())
-        sliced = {"W_enc": self.W_enc[s, :, :n], "b_enc": self.b_enc[s, :n], "W_dec": self.W_dec[s, :n]}
-        return {name: t.detach().to("cpu", copy=True) for name, t in {**sliced, "b_dec": self.b_dec[s]}.items()}
+        rows = self.pad_map[s, : int(self.n[s])]
+        out = {"W_enc": self.W_enc_t[rows].T, "b_enc": self.b_enc[rows], "W_dec": self.W_dec[rows],
+               "b_dec": self.b_dec[s]}
+        return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in out.items()}
+
+    def _offsets(self) -> Tensor:
+        """b_enc - b_dec W_enc per latent `[N]`: (x_n - b_dec) W_enc + b_enc = x_n W_enc + this."""
+        return self.b_enc - (self.W_enc_t * self.b_dec[self.seg]).sum(-1)
+
+    def _padded(self, rows: Tensor, fill: float) -> Tensor:
+        """Rows `[N, ...]` -> a new `[S, L, ...]` with `fill` on padding."""
+        out = rows.new_full((self.pad_map.numel(), *rows.shape[1:]), fill)
+        out[self.slots] = rows
+        return out.view(*self.pad_map.shape, *rows.shape[1:])
 
     def forward(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalised `[B, d]` -> (reconstructions `[S, B, d]`, pre-activations `[S, B, L]`, -inf on padding)."""
-        pre = torch.bmm(x_n.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc) + self.b_enc.unsqueeze(1)
-        pre = pre.masked_fill(~self.latent_mask.unsqueeze(1), -math.inf)
+        """The plain dense computation (a reference for `sq_errors`): normalised `[B, d]` -> (reconstructions
+        `[S, B, d]`, pre-activations `[S, B, L]`, -inf on padding)."""
+        pre = self._padded((self.W_enc_t @ x_n.T) + self._offsets().unsqueeze(1), -math.inf).transpose(1, 2)
         k_max = int(self.k.max())
         vals, idx = pre.topk(k_max, dim=-1)  # [S, B, k_max], sorted: the first k_s are SAE s's top k_s
-        keep = torch.arange(k_max, device=pre.device) < self.k.view(-1, 1, 1)  # [S, 1, k_max]
+        keep = torch.arange(k_max, device=pre.device) < self.k.to(pre.device).view(-1, 1, 1)  # [S, 1, k_max]
         z = torch.zeros_like(pre).scatter(-1, idx, torch.where(keep, vals, 0.0))  # where, not *, as vals has -inf
-        return torch.bmm(z, self.W_dec) + self.b_dec.unsqueeze(1), pre
+        return torch.bmm(z, self._padded(self.W_dec, 0.0)) + self.b_dec.unsqueeze(1), pre
+
+    def sq_errors(self, x_n: Tensor) -> Tensor:
+        """Normalised `[B, d]` -> squared reconstruction errors ||x_n - x_hat||^2 `[S, B]`, differentiable; equal
+        to `forward`'s (to float32 rounding), without any `[S, B, d]` tensor.
+
+        Why: the dense computation builds `x_n - b_dec`, `z @ W_dec` and `x_hat - x_n` as `[S, B, d]` tensors and
+        runs three dense products per direction; on a CPU those temporaries, not the arithmetic, were most of a
+        grid step. With z holding k values v at latents i, u = W_dec (x_n - b_dec) and G = W_dec W_dec^T:
+            ||x_n - b_dec - z W_dec||^2 = ||x_n - b_dec||^2 - 2 v.u[i] + v^T G[i, i] v
+        so a step needs two `[N, d] x [d, B]` products and scalars gathered at the k indices. Pre-activations are
+        laid out latents-first so that the top-k reduces over a non-contiguous axis, which vectorises over B
+        (`_topk_indices`; torch.topk over 50-wide rows was a third of the step)."""
+        return self._errors(x_n)[0]
+
+    def _errors(self, x_n: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """`sq_errors` and what `loss_and_grads` needs of its forward: idx `[S * k_max, B]` (rows of the kept
+        latents), keep `[S, k_max, 1]`, v, u[i] `[S, k_max, B]`, G[i, i] `[S, k_max, k_max, B]`, pairs (the flat
+        indices of those G entries in the `[S, L, L]` blocks), the padded decoder `[S, L, d]`."""
+        S, B = len(self.n), x_n.shape[0]
+        x_t = x_n.T  # [d, B]
+        pre_t = self.W_enc_t @ x_t + self._offsets().unsqueeze(1)  # [N, B]
+        k_max = int(self.k.max())
+        L = self.pad_map.shape[1]
+        with torch.no_grad():
+            idx_l = _topk_indices(self._padded(pre_t, -math.inf), k_max)  # [S, k_max, B], into L
+            idx = self.pad_map.gather(1, idx_l.view(S, -1)).view(S * k_max, B)  # into N
+            # G[i_a, i_b] of each SAE, as flat indices into its [S, L, L] Gram blocks
+            pairs = ((torch.arange(S, device=idx.device).view(S, 1, 1, 1) * L + idx_l.unsqueeze(2)) * L
+                     + idx_l.unsqueeze(1)).reshape(-1)
+        keep = (torch.arange(k_max, device=idx.device) < self.k.to(idx.device).view(-1, 1)).unsqueeze(2)
+        v = torch.where(keep, pre_t.gather(0, idx).view(S, k_max, B), 0.0)  # [S, k_max, B]
+        u_t = self.W_dec @ x_t - (self.W_dec * self.b_dec[self.seg]).sum(-1, keepdim=True)  # [N, B]
+        u_k = u_t.gather(0, idx).view(S, k_max, B)
+        w_dec = self._padded(self.W_dec, 0.0)  # [S, L, d]
+        gram = torch.bmm(w_dec, w_dec.transpose(1, 2))  # [S, L, L]: each SAE's own block, not all N x N
+        gram_k = gram.reshape(-1).gather(0, pairs).view(S, k_max, k_max, B)
+        centred_sq = x_n.pow(2).sum(-1) - 2 * (self.b_dec @ x_t) + self.b_dec.pow(2).sum(-1, keepdim=True)  # [S, B]
+        err = centred_sq - 2 * (v * u_k).sum(1) + (v.unsqueeze(2) * gram_k * v.unsqueeze(1)).sum((1, 2))
+        return err, (idx, keep, v, u_k, gram_k, pairs, w_dec)
+
+    @torch.no_grad()
+    def loss_and_grads(self, x_n: Tensor, scale: float) -> tuple[Tensor, list[Tensor]]:
+        """Errors `[S, B]` and the gradients of `scale * errors.sum()` for `params()`, by the chain rule through
+        `_errors` written out (tests check them against autograd). Why by hand: autograd's backward of the gathers
+        and products was a third of a grid step on a CPU; written out, both decoder-side and encoder-side gradients
+        come from one `[2N, B] x [B, d]` product. With e = ||x - b_dec||^2 - 2 v.u[i] + v^T G[i, i] v:
+            de/dv = 2 (G[i, i] v - u[i]) on kept latents,   de/du[i] = -2 v,   de/dG[i, i] = v v^T."""
+        err, (idx, keep, v, u_k, gram_k, pairs, w_dec) = self._errors(x_n)
+        S, k_max, B = v.shape
+        N, L = self.W_dec.shape[0], w_dec.shape[1]
+        d_v = torch.where(keep, (gram_k * v.unsqueeze(1)).sum(2) - u_k, 0.0).mul_(2 * scale)  # [S, k_max, B]
+        # the kept rows of one column are distinct (disjoint SAEs, distinct top-k), so scatter_ needs no add
+        d_pu = x_n.new_zeros(2 * N, B)
+        d_pu.scatter_(0, idx, d_v.view(S * k_max, B)).scatter_(0, idx + N, v.view(S * k_max, B) * (-2 * scale))
+        sums = d_pu.sum(1, keepdim=True)  # [2N, 1]
+        d_w = d_pu @ x_n  # [2N, d]: d pre / d u against x
+        b_dec_rows = self.b_dec[self.seg]  # [N, d]
+        d_gram = x_n.new_zeros(S * L * L).index_add_(0, pairs, (v.unsqueeze(2) * v.unsqueeze(1)).reshape(-1))
+        d_gram = d_gram.view(S, L, L)
+        g_gram = torch.bmm(d_gram + d_gram.transpose(1, 2), w_dec).view(S * L, -1)[self.slots]  # [N, d]
+        g_enc = d_w[:N] - sums[:N] * b_dec_rows
+        g_dec = d_w[N:] - sums[N:] * b_dec_rows + scale * g_gram
+        g_b_dec = (2 * scale) * (B * self.b_dec - x_n.sum(0))  # the ||x - b_dec||^2 term
+        g_b_dec.index_add_(0, self.seg, -(sums[:N] * self.W_enc_t + sums[N:] * self.W_dec))  # through the offsets
+        return err, [g_enc, sums[:N, 0], g_dec, g_b_dec]
+
+
+@torch.no_grad()
+def _topk_indices(pre_t: Tensor, k: int) -> Tensor:
+    """Indices `[S, k, B]` of the k largest of `pre_t` `[S, L, B]` along L, in decreasing order, the lowest index
+    first among equal values (argmax's rule). OVERWRITES `pre_t` (callers pass a copy). k rounds of a max over L:
+    `amax` over a non-innermost axis is vectorised over B, and the index of the first maximum is found with float
+    arithmetic only (comparisons into bool tensors cost 4x a subtraction here)."""
+    S, L, B = pre_t.shape
+    # score = sign(p - top) + rank / (2L): at a maximum sign = 0 and the score is rank / 2L in (0, 1/2], the rank
+    # L..1 being higher for a lower index; elsewhere sign = -1 and the score is < 0. Rounding recovers the rank.
+    rank = torch.arange(L, 0, -1, device=pre_t.device, dtype=pre_t.dtype).view(1, L, 1) / (2 * L)
+    score = torch.empty_like(pre_t)
+    out = []
+    for j in range(k):
+        top = pre_t.amax(1, keepdim=True)  # [S, 1, B]
+        torch.sub(pre_t, top, out=score).sign_().add_(rank)
+        first = (L - (score.amax(1, keepdim=True) * (2 * L)).round_()).long()
+        out.append(first)
+        if j + 1 < k:
+            pre_t.scatter_(1, first, -math.inf)
+    return torch.cat(out, 1)
 
 
 class _Adam:
-    """torch.optim.Adam's update (same formula and op order), vectorised over a stack with a per-SAE lr."""
+    """torch.optim.Adam's update (same formula and op order), vectorised over a stack with per-row learning rates
+    (`_Stack.lrs`: each latent row takes its SAE's)."""
 
     def __init__(self, params: Sequence[Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
         self.betas, self.eps, self.t = betas, eps, 0
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
-    def select(self, keep: Tensor, trimmed: Sequence[Tensor]) -> None:
-        # slice each state like the parameter it belongs to (same leading S, trimmed latent dims)
-        def cut(state: Tensor, p: Tensor) -> Tensor:
-            return state[keep][(slice(None), *(slice(0, n) for n in p.shape[1:]))].clone()
-
-        self.m = [cut(m, p) for m, p in zip(self.m, trimmed)]
-        self.v = [cut(v, p) for v, p in zip(self.v, trimmed)]
+    def select(self, rows: Sequence[Tensor]) -> None:
+        """Keep the state rows `rows` of each parameter (`_Stack.keep_rows`)."""
+        self.m = [m[r].clone() for m, r in zip(self.m, rows)]
+        self.v = [v[r].clone() for v, r in zip(self.v, rows)]
 
     @torch.no_grad()
-    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], lr: Tensor) -> None:
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Sequence[Tensor]) -> None:
         b1, b2 = self.betas
         self.t += 1
         bc1, bc2_sqrt = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
-        for p, g, m, v in zip(params, grads, self.m, self.v):
+        for p, g, m, v, lr in zip(params, grads, self.m, self.v, lrs):
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            step_size = (lr / bc1).view(-1, *[1] * (p.dim() - 1))
-            p.sub_(step_size * (m / denom))
+            p.sub_((lr / bc1) * (m / denom))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,7 +501,7 @@ Data = Tensor | np.ndarray
 def read_rows(x: Data, idx: Tensor, device) -> Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.asarray(x[idx.cpu().numpy()])).to(device=device, dtype=torch.float32)
-    return x[idx.to(x.device)].to(device=device, dtype=torch.float32)
+    return x.index_select(0, idx.to(x.device)).to(device=device, dtype=torch.float32)
 
 
 def _chunks(idx: Tensor, size: int):
@@ -468,17 +586,19 @@ def _total_variance(x: Data, idx: Tensor, norm_mean: Tensor, device, chunk: int 
 
 
 @torch.no_grad()
-def _stack_fvu(stack: _Stack, x: Data, idx: Tensor, norm_mean: Tensor, cfg: GridConfig) -> Tensor:
-    """Exact FVU `[S]` of every SAE of the stack over rows `idx` (denominator: the rows' own mean)."""
-    device = stack.W_enc.device
-    S, d = stack.W_enc.shape[0], stack.W_enc.shape[1]
-    chunk = max(64, cfg.eval_elements // (S * d))
+def _stack_fvu(stack: _Stack, x: Data, idx: Tensor, norm_mean: Tensor, cfg: GridConfig,
+               total_var: float | None = None) -> Tensor:
+    """Exact FVU `[S]` of every SAE of the stack over rows `idx` (denominator: the rows' own mean; pass
+    `total_var`, `_total_variance` of the rows, when it is already known)."""
+    device, S = stack.W_dec.device, len(stack.n)
+    # per row: [N] pre-activations and decoder products, their [S, L] padded copy, the input
+    chunk = max(64, cfg.eval_elements // (2 * (stack.W_dec.shape[0] + stack.pad_map.numel()) + stack.W_dec.shape[1]))
     err = torch.zeros(S, dtype=torch.float64, device=device)
     for batch in _chunks(idx, chunk):
-        x_n = normalise(read_rows(x, batch, device), norm_mean)
-        x_hat, _ = stack.forward(x_n)
-        err += (x_hat - x_n).pow(2).sum((1, 2)).double()
-    return (err / _total_variance(x, idx, norm_mean, device, chunk)).float()
+        err += stack.sq_errors(normalise(read_rows(x, batch, device), norm_mean)).double().sum(1)
+    if total_var is None:
+        total_var = _total_variance(x, idx, norm_mean, device, chunk)
+    return (err / total_var).float()
 
 
 def _train_layer(
@@ -498,6 +618,7 @@ def _train_layer(
     # Per-vector variance of the train split: batch loss = sum err / (B * var) is the batch's share of the
     # train-split FVU, so the loss is defined for any batch (a last batch of 1 has no variance of its own).
     var_per_vector = _total_variance(x, train_idx, norm_mean, device) / len(train_idx)
+    val_var = _total_variance(x, val_idx, norm_mean, device)  # the validation FVU's denominator, every epoch
     S = len(specs)
     for sp in specs:
         if not 1 <= sp.k <= sp.n_latents:
@@ -514,10 +635,9 @@ def _train_layer(
         [sp.k for sp in specs],
         [lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents) for sp in specs],
         device,
-    )
-    for p in stack.params():
-        p.requires_grad_(True)
+    )  # plain tensors: loss_and_grads writes the gradients out, no autograd graph
     adam = _Adam(stack.params(), cfg.betas, cfg.adam_eps)
+    lrs = stack.lrs()
     active = torch.arange(S)  # position in the stack -> index into specs
 
     best_val = [math.inf] * S
@@ -533,17 +653,17 @@ def _train_layer(
         train_sum, n_batches = torch.zeros(len(active), device=device), 0
         for batch in _chunks(perm, cfg.batch_size):
             x_n = normalise(read_rows(x, batch, device), norm_mean)  # [B, d]
-            x_hat, _ = stack.forward(x_n)  # [S, B, d]
-            fvu = (x_hat - x_n).pow(2).sum((1, 2)) / (len(batch) * var_per_vector)  # [S]
-            # sum over SAEs: parameters are disjoint, so each SAE gets the gradient of its own FVU
-            grads = torch.autograd.grad(fvu.sum(), stack.params())
-            adam.step(stack.params(), grads, stack.lr)
+            scale = 1.0 / (len(batch) * var_per_vector)
+            # the sum over SAEs: parameters are disjoint, so each SAE gets the gradient of its own FVU
+            err, grads = stack.loss_and_grads(x_n, scale)
+            fvu = err.sum(1) * scale  # [S]
+            adam.step(stack.params(), grads, lrs)
             with torch.no_grad():
-                stack.W_dec /= stack.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows stay 0
+                stack.W_dec /= stack.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             train_sum += fvu.detach()
             n_batches += 1
 
-        val = _stack_fvu(stack, x, val_idx, norm_mean, cfg).tolist()
+        val = _stack_fvu(stack, x, val_idx, norm_mean, cfg, val_var).tolist()
         train_mean = (train_sum / n_batches).tolist()
         stop = []
         for pos, s in enumerate(active.tolist()):
@@ -565,12 +685,9 @@ def _train_layer(
             if len(keep) == 0:
                 break
             active = active[keep]
-            keep_d = keep.to(device)
-            stack = stack.select(keep_d)
-            stack = _Stack(**{f: getattr(stack, f).detach().clone() for f in stack.__dataclass_fields__})
-            for p in stack.params():
-                p.requires_grad_(True)
-            adam.select(keep_d, stack.params())
+            adam.select(stack.keep_rows(keep))
+            stack = stack.select(keep)
+            lrs = stack.lrs()
     bar.close()
     return best_params, norm_mean.cpu(), stats, histories
 

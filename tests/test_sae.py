@@ -17,6 +17,7 @@ from sae_reasoning.sae import (
     TopKSAE,
     _Adam,
     _Stack,
+    _topk_indices,
     init_params,
     load_sae,
     load_sae_lens,
@@ -107,6 +108,59 @@ def test_stack_equals_reference(planted):
             assert torch.equal(pre[i].argmax(-1), sae.behavior(x))
 
 
+def test_gram_errors_equal_dense_forward(planted):
+    """`sq_errors` (the training loss without [S, B, d] tensors) == ||x_n - forward(x_n)||^2, values and gradients,
+    on a mixed-(n_latents, k) stack with non-zero biases."""
+    x, _ = planted
+    saes = [_random_sae(64, n, k, s, x.mean(0)) for s, (n, k) in enumerate([(5, 3), (8, 1), (3, 3), (8, 2)])]
+    stack = _Stack.build([{p: getattr(s, p).detach() for p in PARAMS} for s in saes], [s.k for s in saes],
+                         [0.0] * len(saes), "cpu")
+    for p in stack.params():
+        p.requires_grad_(True)
+    x_n = normalise(x[:700], x.mean(0))
+    x_hat, _ = stack.forward(x_n)
+    dense = (x_hat - x_n).pow(2).sum(-1)  # [S, B]
+    gram = stack.sq_errors(x_n)
+    assert gram.shape == dense.shape == (4, 700)
+    torch.testing.assert_close(gram, dense, rtol=1e-5, atol=2e-6)
+    weights = torch.rand(700, generator=torch.Generator().manual_seed(0))  # a non-uniform loss over rows
+    g_dense = torch.autograd.grad((dense * weights).sum(), stack.params())
+    g_gram = torch.autograd.grad((gram * weights).sum(), stack.params())
+    for name, a, b in zip(PARAMS, g_dense, g_gram):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_written_out_gradients_equal_autograd(planted):
+    """`loss_and_grads` (the training step's gradients, by hand) == autograd through `sq_errors`, with mixed k
+    (k_s < k_max: the (k_s+1)-th latent must get no gradient) and non-zero biases."""
+    x, _ = planted
+    saes = [_random_sae(64, n, k, s, x.mean(0)) for s, (n, k) in enumerate([(5, 3), (8, 1), (3, 3), (8, 2)])]
+    stack = _Stack.build([{p: getattr(s, p).detach() for p in PARAMS} for s in saes], [s.k for s in saes],
+                         [0.0] * len(saes), "cpu")
+    for p in stack.params():
+        p.requires_grad_(True)
+    x_n = normalise(x[:512], x.mean(0))
+    want = torch.autograd.grad((stack.sq_errors(x_n) * 0.37).sum(), stack.params())
+    err, got = stack.loss_and_grads(x_n, 0.37)
+    torch.testing.assert_close(err, stack.sq_errors(x_n).detach())
+    for name, a, b in zip(_Stack.PARAMS, want, got):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()), msg=name)
+
+
+def test_topk_indices_match_topk_and_argmax_ties():
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(3, 20, 257, generator=gen)
+    pre[1, 15:] = -math.inf  # padding
+    want = pre.topk(4, dim=1).indices
+    assert torch.equal(_topk_indices(pre.clone(), 4), want)  # it overwrites its input
+    tied = torch.zeros(2, 6, 5)
+    tied[:, [1, 3, 4]] = 1.0  # three-way tie at the top: lowest index first, as argmax
+    got = _topk_indices(tied.clone(), 3)
+    assert torch.equal(got[:, 0], tied.argmax(1)) and (got == torch.tensor([1, 3, 4]).view(1, 3, 1)).all()
+
+
 def test_vectorised_adam_equals_torch_adam(planted):
     """Per-SAE learning rates, exactly torch.optim.Adam's arithmetic, one optimiser per SAE."""
     x, _ = planted
@@ -123,7 +177,7 @@ def test_vectorised_adam_equals_torch_adam(planted):
         x_n = normalise(batch, x.mean(0))
         x_hat, _ = stack.forward(x_n)
         fvu = (x_hat - x_n).pow(2).sum((1, 2)) / (x_n - x_n.mean(0)).pow(2).sum()
-        adam.step(stack.params(), torch.autograd.grad(fvu.sum(), stack.params()), stack.lr)
+        adam.step(stack.params(), torch.autograd.grad(fvu.sum(), stack.params()), stack.lrs())
         for ref, opt in zip(refs, opts):
             opt.zero_grad()
             (((ref(batch) - x_n).pow(2).sum()) / (x_n - x_n.mean(0)).pow(2).sum()).backward()
