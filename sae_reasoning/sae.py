@@ -118,6 +118,22 @@ def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
     return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
 
 
+def _kmeanspp_rows(x: Tensor, sq: Tensor, n: int, gen: torch.Generator) -> list[int]:
+    """k-means++ seeding (D^2 sampling): `n` row indices of `x` [N, d] (`sq`: its squared row norms), the first
+    uniform, each next with probability proportional to its squared distance to the nearest one chosen so far."""
+    def dist2_to(c: Tensor) -> Tensor:  # [N] squared distances to one centre, clamped against rounding below 0
+        return torch.addmv(sq + c.pow(2).sum(), x, c, alpha=-2).clamp_min_(0)
+
+    idx = [int(torch.randint(len(x), (1,), generator=gen))]
+    d2 = dist2_to(x[idx[0]])
+    for _ in range(1, n):
+        total = float(d2.sum())
+        probs = (d2 / total if total > 0 else torch.full_like(d2, 1 / len(d2))).cpu().double()
+        idx.append(int(torch.multinomial(probs, 1, generator=gen)))
+        d2 = torch.minimum(d2, dist2_to(x[idx[-1]]))
+    return idx
+
+
 def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, iters: int = 50,
                              device: str | torch.device | None = None) -> Tensor:
     """`n` Euclidean k-means centres of `x_n` [N, d]: `n_init` seeded runs of k-means++ (D^2 sampling) then Lloyd
@@ -132,9 +148,6 @@ def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, i
     sq = x.pow(2).sum(1)
     x_t = x.T.contiguous()  # [d, N], made contiguous once for every round
 
-    def dist2_to(c: Tensor) -> Tensor:  # [N] squared distances to one centre, clamped against rounding below 0
-        return torch.addmv(sq + c.pow(2).sum(), x, c, alpha=-2).clamp_min_(0)
-
     def nearest(c: Tensor) -> Tensor:
         # argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [n, N] so that the reduction over the
         # centres vectorises over the rows (`_topk_indices`: argmin over a 50-wide row was most of a round)
@@ -143,14 +156,7 @@ def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, i
 
     best, best_inertia = None, math.inf
     for _ in range(n_init):
-        idx = [int(torch.randint(len(x), (1,), generator=gen))]
-        d2 = dist2_to(x[idx[0]])
-        for _k in range(1, n):
-            total = float(d2.sum())
-            probs = (d2 / total if total > 0 else torch.full_like(d2, 1 / len(d2))).cpu().double()
-            idx.append(int(torch.multinomial(probs, 1, generator=gen)))
-            d2 = torch.minimum(d2, dist2_to(x[idx[-1]]))
-        c = x[idx].clone()
+        c = x[_kmeanspp_rows(x, sq, n, gen)].clone()
         assign = nearest(c)
         # cluster sums kept up to date by the points that moved (float64, so that the updates do not drift): a
         # full index_add over every point each round was a quarter of the init at d = 1536, and late rounds move
@@ -183,13 +189,7 @@ def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd
         x = x[torch.randperm(len(x), generator=gen)[:max_rows]]
     if len(x) < n:
         raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
-    centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
-    d2 = (x - centres[0]).pow(2).sum(1)
-    for _ in range(1, n):
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
-        centres.append(x[torch.multinomial(probs, 1, generator=gen)].squeeze(0))
-        d2 = torch.minimum(d2, (x - centres[-1]).pow(2).sum(1))
-    c = torch.stack(centres)
+    c = x[_kmeanspp_rows(x, x.pow(2).sum(1), n, gen)]
     c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     for _ in range(lloyd_iters):  # spherical k-means refinement: assign by cosine, centre = normalised member sum
         assign = (x @ c.T).argmax(1)
