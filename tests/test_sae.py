@@ -108,15 +108,21 @@ def test_stack_equals_reference(planted):
             assert torch.equal(pre[i].argmax(-1), sae.behavior(x))
 
 
-def test_gram_errors_equal_dense_forward(planted):
-    """`sq_errors` (the training loss without [S, B, d] tensors) == ||x_n - forward(x_n)||^2, values and gradients,
-    on a mixed-(n_latents, k) stack with non-zero biases."""
-    x, _ = planted
+def _mixed_stack(x):
+    """Four SAEs of mixed (n_latents, k) with non-zero biases, as a stack whose parameters require grad."""
     saes = [_random_sae(64, n, k, s, x.mean(0)) for s, (n, k) in enumerate([(5, 3), (8, 1), (3, 3), (8, 2)])]
     stack = _Stack.build([{p: getattr(s, p).detach() for p in PARAMS} for s in saes], [s.k for s in saes],
                          [0.0] * len(saes), "cpu")
     for p in stack.params():
         p.requires_grad_(True)
+    return stack
+
+
+def test_gram_errors_equal_dense_forward(planted):
+    """`sq_errors` (the training loss without [S, B, d] tensors) == ||x_n - forward(x_n)||^2, values and gradients,
+    on a mixed-(n_latents, k) stack with non-zero biases."""
+    x, _ = planted
+    stack = _mixed_stack(x)
     x_n = normalise(x[:700], x.mean(0))
     x_hat, _ = stack.forward(x_n)
     dense = (x_hat - x_n).pow(2).sum(-1)  # [S, B]
@@ -126,20 +132,16 @@ def test_gram_errors_equal_dense_forward(planted):
     weights = torch.rand(700, generator=torch.Generator().manual_seed(0))  # a non-uniform loss over rows
     g_dense = torch.autograd.grad((dense * weights).sum(), stack.params())
     g_gram = torch.autograd.grad((gram * weights).sum(), stack.params())
-    for name, a, b in zip(PARAMS, g_dense, g_gram):
+    for name, a, b in zip(_Stack.PARAMS, g_dense, g_gram):
         assert a.abs().max() > 0, name
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()), msg=name)
 
 
 def test_written_out_gradients_equal_autograd(planted):
     """`loss_and_grads` (the training step's gradients, by hand) == autograd through `sq_errors`, with mixed k
     (k_s < k_max: the (k_s+1)-th latent must get no gradient) and non-zero biases."""
     x, _ = planted
-    saes = [_random_sae(64, n, k, s, x.mean(0)) for s, (n, k) in enumerate([(5, 3), (8, 1), (3, 3), (8, 2)])]
-    stack = _Stack.build([{p: getattr(s, p).detach() for p in PARAMS} for s in saes], [s.k for s in saes],
-                         [0.0] * len(saes), "cpu")
-    for p in stack.params():
-        p.requires_grad_(True)
+    stack = _mixed_stack(x)
     x_n = normalise(x[:512], x.mean(0))
     want = torch.autograd.grad((stack.sq_errors(x_n) * 0.37).sum(), stack.params())
     err, got = stack.loss_and_grads(x_n, 0.37)
