@@ -80,10 +80,13 @@ def resid_post(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.T
 
 def _prepare(trace: dict, tok: Any, min_words: int, label_fn: LabelFn | None,
              max_positions: int | None) -> tuple[list[int], list[dict]]:
-    """Token ids of one trace and the index records of its sentences (token spans included)."""
+    """The token ids of one trace that its sentences need, and the index records of its sentences (token spans
+    included). The ids stop at the end of the last sentence: under the causal mask later tokens (the answer after
+    the thinking, ~11% of an organism trace) cannot change a sentence's values, so they are not run."""
     ids, sentences = trace_sentences(trace, tok, min_words)
+    ids = ids[: max((s.token_end for s in sentences), default=0)]
     if max_positions is not None and len(ids) > max_positions:
-        raise DataError(f"trace {trace['id']!r} has {len(ids)} tokens, more than the model's context "
+        raise DataError(f"trace {trace['id']!r} needs {len(ids)} tokens, more than the model's context "
                         f"({max_positions}); lower data.max_new_tokens")
     records = [{"trace_id": trace["id"], "sentence_index": s.index, "char_start": s.char_start,
                 "char_end": s.char_end, "token_start": s.token_start, "token_end": s.token_end,

@@ -146,6 +146,19 @@ def test_bad_inputs(stories, tmp_path):
         extract_activations(stories, long, [0], tmp_path / "z", progress=False)
 
 
+
+def test_tokens_after_the_last_sentence_are_not_run(stories, tmp_path):
+    """The forward stops at the last sentence's end: a trace whose answer part alone overflows the model's context
+    is extracted, and its vectors equal those of the trace cut after its thinking (causal: the tail cannot matter)."""
+    base = make_traces()[0]
+    tail = "\nThe end. The end. The end." * 120  # well past the 512-token context
+    traces = [{**base, "completion": base["completion"] + tail}]
+    store = ActivationStore(extract_activations(stories, traces, [2], tmp_path / "acts", min_words=2,
+                                                progress=False))
+    cut = {**base, "completion": base["completion"].split("</think>")[0]}
+    assert torch.allclose(store.load(2), independent_means(stories, cut, store.index(), 2), atol=1e-5)
+
+
 ORGANISM = REPO / "sae_reasoning" / "organism" / "weights" / "thinking"
 
 
