@@ -636,8 +636,15 @@ def _train_layer(
     if cfg.init != "random":  # one seeded subsample per layer, shared by every SAE (grid == one at a time)
         sub = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.data_seed))]
         x_init = normalise(read_rows(x, sub[:20_000].sort().values, "cpu"), norm_mean.cpu())
+    # an SAE's init depends on (n_latents, seed) only, not on k: SAEs that differ in k alone share one k-means run
+    # (the data init is 10 k-means restarts per SAE: minutes for a grid at d 1536 on a CPU, hence the bar)
+    inits: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for sp in tqdm(specs, desc=f"{desc}: init ({cfg.init})", disable=not cfg.progress or cfg.init == "random",
+                   leave=False):
+        if (sp.n_latents, sp.seed) not in inits:
+            inits[sp.n_latents, sp.seed] = init_params(d_in, sp.n_latents, sp.seed, x_init, cfg.init, device)
     stack = _Stack.build(
-        [init_params(d_in, sp.n_latents, sp.seed, x_init, cfg.init, device) for sp in specs],
+        [inits[sp.n_latents, sp.seed] for sp in specs],
         [sp.k for sp in specs],
         [lr_for(sp.n_latents, cfg.base_lr, cfg.lr_ref_latents) for sp in specs],
         device,

@@ -234,6 +234,20 @@ def test_grid_equals_one_at_a_time(planted):
         assert abs(alone.metrics["val_fvu"] - r.metrics["val_fvu"]) <= 1e-3  # in practice ~1e-7 or bit-identical
 
 
+def test_saes_differing_in_k_alone_share_one_init(planted, monkeypatch):
+    """The (data) init depends on (n_latents, seed) only: a grid over k runs k-means once per (n_latents, seed), and
+    each SAE still starts where it would alone (test_grid_equals_one_at_a_time checks the trained results)."""
+    import sae_reasoning.sae as sae_mod
+
+    x, _ = planted
+    calls = []
+    real = sae_mod.init_params
+    monkeypatch.setattr(sae_mod, "init_params", lambda *a, **kw: calls.append(a[1:3]) or real(*a, **kw))
+    cfg = GridConfig(n_latents=(4, 6), ks=(1, 2, 3), seeds=(0, 1), max_epochs=1, progress=False)
+    train_grid({0: x}, cfg)
+    assert sorted(calls) == [(4, 0), (4, 1), (6, 0), (6, 1)]
+
+
 def test_deterministic_and_dtypes(planted):
     """Same seeds -> identical parameters; float16 / bfloat16 / numpy inputs are cast to float32 per batch."""
     x, _ = planted
