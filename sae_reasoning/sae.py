@@ -363,9 +363,10 @@ class _Stack:
                "b_dec": self.b_dec[s]}
         return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in out.items()}
 
-    def _offsets(self) -> Tensor:
-        """b_enc - b_dec W_enc per latent `[N]`: (x_n - b_dec) W_enc + b_enc = x_n W_enc + this."""
-        return self.b_enc - (self.W_enc_t * self.b_dec[self.seg]).sum(-1)
+    def _offsets(self, b_dec_rows: Tensor) -> Tensor:
+        """b_enc - b_dec W_enc per latent `[N]`: (x_n - b_dec) W_enc + b_enc = x_n W_enc + this. `b_dec_rows`
+        `[N, d]`: each latent's SAE's b_dec (`b_dec[seg]`)."""
+        return self.b_enc - (self.W_enc_t * b_dec_rows).sum(-1)
 
     def _padded(self, rows: Tensor, fill: float) -> Tensor:
         """Rows `[N, ...]` -> a new `[S, L, ...]` with `fill` on padding."""
@@ -376,7 +377,8 @@ class _Stack:
     def forward(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         """The plain dense computation (a reference for `sq_errors`): normalised `[B, d]` -> (reconstructions
         `[S, B, d]`, pre-activations `[S, B, L]`, -inf on padding)."""
-        pre = self._padded((self.W_enc_t @ x_n.T) + self._offsets().unsqueeze(1), -math.inf).transpose(1, 2)
+        offsets = self._offsets(self.b_dec[self.seg])
+        pre = self._padded((self.W_enc_t @ x_n.T) + offsets.unsqueeze(1), -math.inf).transpose(1, 2)
         k_max = int(self.k.max())
         vals, idx = pre.topk(k_max, dim=-1)  # [S, B, k_max], sorted: the first k_s are SAE s's top k_s
         keep = torch.arange(k_max, device=pre.device) < self.k.to(pre.device).view(-1, 1, 1)  # [S, 1, k_max]
@@ -399,10 +401,12 @@ class _Stack:
     def _errors(self, x_n: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """`sq_errors` and what `loss_and_grads` needs of its forward: idx `[S * k_max, B]` (rows of the kept
         latents), keep `[S, k_max, 1]`, v, u[i] `[S, k_max, B]`, G[i, i] `[S, k_max, k_max, B]`, pairs (the flat
-        indices of those G entries in the `[S, L, L]` blocks), the padded decoder `[S, L, d]`."""
+        indices of those G entries in the `[S, L, L]` blocks), the padded decoder `[S, L, d]`, b_dec per latent
+        `[N, d]`."""
         S, B = len(self.n), x_n.shape[0]
         x_t = x_n.T  # [d, B]
-        pre_t = self.W_enc_t @ x_t + self._offsets().unsqueeze(1)  # [N, B]
+        b_dec_rows = self.b_dec[self.seg]  # [N, d]
+        pre_t = self.W_enc_t @ x_t + self._offsets(b_dec_rows).unsqueeze(1)  # [N, B]
         k_max = int(self.k.max())
         L = self.pad_map.shape[1]
         with torch.no_grad():
@@ -413,14 +417,14 @@ class _Stack:
                      + idx_l.unsqueeze(1)).reshape(-1)
         keep = (torch.arange(k_max, device=idx.device) < self.k.to(idx.device).view(-1, 1)).unsqueeze(2)
         v = torch.where(keep, pre_t.gather(0, idx).view(S, k_max, B), 0.0)  # [S, k_max, B]
-        u_t = self.W_dec @ x_t - (self.W_dec * self.b_dec[self.seg]).sum(-1, keepdim=True)  # [N, B]
+        u_t = self.W_dec @ x_t - (self.W_dec * b_dec_rows).sum(-1, keepdim=True)  # [N, B]
         u_k = u_t.gather(0, idx).view(S, k_max, B)
         w_dec = self._padded(self.W_dec, 0.0)  # [S, L, d]
         gram = torch.bmm(w_dec, w_dec.transpose(1, 2))  # [S, L, L]: each SAE's own block, not all N x N
         gram_k = gram.reshape(-1).gather(0, pairs).view(S, k_max, k_max, B)
         centred_sq = x_n.pow(2).sum(-1) - 2 * (self.b_dec @ x_t) + self.b_dec.pow(2).sum(-1, keepdim=True)  # [S, B]
         err = centred_sq - 2 * (v * u_k).sum(1) + (v.unsqueeze(2) * gram_k * v.unsqueeze(1)).sum((1, 2))
-        return err, (idx, keep, v, u_k, gram_k, pairs, w_dec)
+        return err, (idx, keep, v, u_k, gram_k, pairs, w_dec, b_dec_rows)
 
     @torch.no_grad()
     def loss_and_grads(self, x_n: Tensor, scale: float) -> tuple[Tensor, list[Tensor]]:
@@ -429,7 +433,7 @@ class _Stack:
         and products was a third of a grid step on a CPU; written out, both decoder-side and encoder-side gradients
         come from one `[2N, B] x [B, d]` product. With e = ||x - b_dec||^2 - 2 v.u[i] + v^T G[i, i] v:
             de/dv = 2 (G[i, i] v - u[i]) on kept latents,   de/du[i] = -2 v,   de/dG[i, i] = v v^T."""
-        err, (idx, keep, v, u_k, gram_k, pairs, w_dec) = self._errors(x_n)
+        err, (idx, keep, v, u_k, gram_k, pairs, w_dec, b_dec_rows) = self._errors(x_n)
         S, k_max, B = v.shape
         N, L = self.W_dec.shape[0], w_dec.shape[1]
         d_v = torch.where(keep, (gram_k * v.unsqueeze(1)).sum(2) - u_k, 0.0).mul_(2 * scale)  # [S, k_max, B]
@@ -438,7 +442,6 @@ class _Stack:
         d_pu.scatter_(0, idx, d_v.view(S * k_max, B)).scatter_(0, idx + N, v.view(S * k_max, B) * (-2 * scale))
         sums = d_pu.sum(1, keepdim=True)  # [2N, 1]
         d_w = d_pu @ x_n  # [2N, d]: d pre / d u against x
-        b_dec_rows = self.b_dec[self.seg]  # [N, d]
         d_gram = x_n.new_zeros(S * L * L).index_add_(0, pairs, (v.unsqueeze(2) * v.unsqueeze(1)).reshape(-1))
         d_gram = d_gram.view(S, L, L)
         g_gram = torch.bmm(d_gram + d_gram.transpose(1, 2), w_dec).view(S * L, -1)[self.slots]  # [N, d]
