@@ -31,7 +31,9 @@
 #
 # Time: a global budget (BUDGET_S, default 420 s for the GPU run) — every benchmark runs under `timeout`, capped at
 # its own limit and at what is left of the budget; an optional run starts only if its whole limit still fits.
-# Environment knobs: OUT (required), PYTHON, SITE, BUDGET_S, THREADS (torch/OpenMP CPU threads, default 8 on GPU).
+# Environment knobs: OUT (required), PYTHON, SITE, BUDGET_S, THREADS (torch/OpenMP CPU threads, default 8 on GPU),
+# PARTS (the runs to make, default all: "hybrid sae_grid extractor steering hybrid256 hybrid_profile"; a lease too
+# short for all of them is split into two commands, e.g. PARTS="sae_grid extractor steering" then PARTS=hybrid).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -60,6 +62,7 @@ else
 fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS  # also sklearn's k-means (SAE data init)
 COMMON=(--device "$DEV" --threads "$THREADS")
+PARTS=" ${PARTS:-hybrid sae_grid extractor steering hybrid256 hybrid_profile} "
 FAILS=0
 
 main() {
@@ -120,8 +123,8 @@ EOF
     # hybrid at the targets' N (512), both batch sizes; without its automatic profile (it would re-run the
     # 512 x 16 hybrid twice more, ~1 min): the short profile run below gives the same breakdown when time allows
     run hybrid bench_hybrid 260 --tokens 512 --batches 1,16 --no-diag --no-profile
-    # one train_grid stack per layer, so the ratio does not depend on the layer count: 2 layers x 10 sizes
-    run sae_grid bench_sae_grid 130 --n-vectors 30000 --layers 2 --epochs 5
+    # the paper's grid: 6 layers x 10 sizes (k = 3), one train_grid stack per layer
+    run sae_grid bench_sae_grid 220 --n-vectors 30000 --layers 6 --epochs 5
     run extractor bench_extractor 90 --n-traces 64 --repeats 3
     run steering bench_steering 90 --n-train 48 --n-val 16 --epochs 2 --repeats 2
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
@@ -155,6 +158,7 @@ EOF
 run() {
   local name=$1 script=$2 cap=$3
   shift 3
+  [[ "$PARTS" == *" $name "* ]] || return 0
   local left=$((BUDGET - SECONDS - 20))  # 20 s: a killed run's grace period and the summary
   local t=$((cap < left ? cap : left))
   if [ "$t" -lt 15 ]; then
@@ -174,6 +178,7 @@ run() {
 
 # optional NAME SCRIPT CAP_S ARGS...: as run, but only if the whole CAP_S still fits in the budget
 optional() {
+  [[ "$PARTS" == *" $1 "* ]] || return 0
   local left=$((BUDGET - SECONDS - 20)) fails=$FAILS
   if [ "$left" -lt "$3" ]; then echo "== optional $1 not run: ${left}s left, needs $3s"; return; fi
   run "$@"

@@ -118,66 +118,100 @@ def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
     return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
 
 
-def _kmeanspp_rows(x: Tensor, sq: Tensor, n: int, gen: torch.Generator) -> list[int]:
-    """k-means++ seeding (D^2 sampling): `n` row indices of `x` [N, d] (`sq`: its squared row norms), the first
-    uniform, each next with probability proportional to its squared distance to the nearest one chosen so far."""
-    def dist2_to(c: Tensor) -> Tensor:  # [N] squared distances to one centre, clamped against rounding below 0
-        return torch.addmv(sq + c.pow(2).sum(), x, c, alpha=-2).clamp_min_(0)
+def _sq_dists(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
+    """Squared distances [R, m, N] of the centres `c` [R, m, d] to the points (`x_t` [d, N], `sq` their squared
+    norms [N]), clamped against rounding below 0."""
+    return torch.baddbmm(c.pow(2).sum(-1, keepdim=True) + sq, c, x_t.expand(len(c), -1, -1), alpha=-2).clamp_min_(0)
 
-    idx = [int(torch.randint(len(x), (1,), generator=gen))]
-    d2 = dist2_to(x[idx[0]])
-    for _ in range(1, n):
-        total = float(d2.sum())
-        probs = (d2 / total if total > 0 else torch.full_like(d2, 1 / len(d2))).cpu().double()
-        idx.append(int(torch.multinomial(probs, 1, generator=gen)))
-        d2 = torch.minimum(d2, dist2_to(x[idx[-1]]))
+
+def _kmeanspp_batch(x: Tensor, x_t: Tensor, sq: Tensor, u: Tensor) -> Tensor:
+    """k-means++ seeding (D^2 sampling) of R independent runs at once: row indices [R, n] of `x` [N, d] (`x_t` =
+    `x.T`, `sq` its squared row norms). `u` [R, n] (uniform in [0, 1), float64, drawn up front from the seeded
+    generator) makes each draw: the first row uniform, each next by inverse CDF of the squared distances to the
+    nearest row chosen so far. Drawing the uniforms up front (instead of one `multinomial` per centre on the CPU)
+    keeps the R runs in lockstep on the data's device with no transfer or sync per centre: on a GPU those were
+    most of the data init's time (benchmarks/README.md)."""
+    R, n = u.shape
+    N = len(x)
+    idx = torch.empty(R, n, dtype=torch.long, device=x.device)
+    idx[:, 0] = (u[:, 0] * N).long().clamp_(max=N - 1)
+    d2 = _sq_dists(x_t, sq, x[idx[:, :1]])[:, 0].double()  # [R, N]
+    for j in range(1, n):
+        cdf = d2.cumsum(1)
+        total = cdf[:, -1:]
+        # side="right": the first row whose cdf exceeds the target has d2 > 0 (never an already chosen row);
+        # with every distance 0 (fewer distinct rows than n) the draw falls back to uniform
+        pick = torch.searchsorted(cdf, u[:, j:j + 1].to(x.device) * total, right=True)[:, 0].clamp_(max=N - 1)
+        pick = torch.where(total[:, 0] > 0, pick, (u[:, j].to(x.device) * N).long())
+        idx[:, j] = pick.clamp_(max=N - 1)
+        d2 = torch.minimum(d2, _sq_dists(x_t, sq, x[pick][:, None])[:, 0].double())
     return idx
+
+
+def _nearest(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
+    """Index [R, N] of each point's nearest centre in each run (`c` [R, n, d]), the lowest index among ties.
+    argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [R, n, N] so that the reduction over the centres
+    vectorises over the points (`_topk_indices`: argmin over a 50-wide row was most of a round)."""
+    scores = torch.baddbmm(c.pow(2).sum(-1, keepdim=True), c, x_t.expand(len(c), -1, -1), alpha=-2)
+    return _topk_indices(scores.neg_(), 1)[:, 0]
+
+
+def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Lloyd rounds for R runs at once from centres `c` [R, n, d] (updated in place), each until its assignment
+    stops changing or `iters` rounds; returns (centres, inertia [R]). Each run's rounds are exactly those it would
+    make alone; a run that has converged leaves the batch."""
+    R, n, d = c.shape
+    assign = _nearest(x_t, sq, c)  # [R, N]
+    # cluster sums kept up to date by the points that moved (float64, so that the updates do not drift): a full
+    # index_add over every point each round was a quarter of the init at d = 1536, and late rounds move few points
+    x64 = x.double()
+    sums = torch.stack([x64.new_zeros(n, d).index_add_(0, a, x64) for a in assign])
+    counts = torch.stack([torch.bincount(a, minlength=n) for a in assign]).double()  # [R, n]
+    run_ids = torch.arange(R, device=x.device)  # the runs still in the batch
+    c_run = c.clone()
+    for _it in range(iters):
+        keep = counts > 0  # an empty cluster keeps its centre
+        c_run[keep] = (sums[keep] / counts[keep][:, None]).float()
+        new = _nearest(x_t, sq, c_run)
+        run, point = (new != assign).nonzero(as_tuple=True)
+        moving = torch.zeros(len(run_ids), dtype=torch.bool, device=x.device)
+        moving[run] = True
+        c[run_ids[~moving]] = c_run[~moving]
+        if len(run) == 0:
+            break
+        old_f, new_f = assign[run, point] + run * n, new[run, point] + run * n
+        x_moved = x64[point]
+        flat = sums.view(-1, d)
+        flat.index_add_(0, old_f, x_moved, alpha=-1).index_add_(0, new_f, x_moved)
+        counts.view(-1).add_(torch.bincount(new_f, minlength=counts.numel()) -
+                             torch.bincount(old_f, minlength=counts.numel()))
+        assign = new
+        if not bool(moving.all()):  # converged runs leave the batch
+            run_ids, c_run, sums, counts, assign = (t[moving] for t in (run_ids, c_run, sums, counts, assign))
+    else:
+        c[run_ids] = c_run  # the rounds ran out
+    best = _nearest(x_t, sq, c)
+    inertia = torch.stack([(x - c[r][best[r]]).pow(2).sum() for r in range(R)])
+    return c, inertia
 
 
 def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, iters: int = 50,
                              device: str | torch.device | None = None) -> Tensor:
     """`n` Euclidean k-means centres of `x_n` [N, d]: `n_init` seeded runs of k-means++ (D^2 sampling) then Lloyd
-    (up to `iters` rounds, until the assignment stops changing); the run with the lowest inertia wins. [n, d] float32
-    on the CPU. Written in torch rather than with scikit-learn's KMeans so that it runs on the SAE's device: at
-    d = 1536 and 20k rows, 10 restarts for each SAE of a grid took scikit-learn minutes on CPU."""
+    (up to `iters` rounds, until the assignment stops changing); the run with the lowest inertia wins (the first
+    among equals). [n, d] float32 on the CPU. Written in torch rather than with scikit-learn's KMeans so that it
+    runs on the SAE's device (at d = 1536 and 20k rows, 10 restarts for each SAE of a grid took scikit-learn
+    minutes on CPU), with the restarts batched: one product per round for all of them, and no sync per centre."""
     dev = torch.device(device) if device is not None else x_n.device
     x = x_n.float().to(dev)
     if len(x) < n:
         raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
-    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(n_init, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     sq = x.pow(2).sum(1)
     x_t = x.T.contiguous()  # [d, N], made contiguous once for every round
-
-    def nearest(c: Tensor) -> Tensor:
-        # argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [n, N] so that the reduction over the
-        # centres vectorises over the rows (`_topk_indices`: argmin over a 50-wide row was most of a round)
-        scores = torch.addmm(c.pow(2).sum(1, keepdim=True), c, x_t, alpha=-2)  # [n, N]
-        return _topk_indices(scores.neg_().unsqueeze(0), 1)[0, 0]
-
-    best, best_inertia = None, math.inf
-    for _ in range(n_init):
-        c = x[_kmeanspp_rows(x, sq, n, gen)].clone()
-        assign = nearest(c)
-        # cluster sums kept up to date by the points that moved (float64, so that the updates do not drift): a
-        # full index_add over every point each round was a quarter of the init at d = 1536, and late rounds move
-        # few points
-        sums = torch.zeros_like(c).index_add_(0, assign, x).double()
-        counts = torch.bincount(assign, minlength=n).double()
-        for _it in range(iters):
-            keep = counts > 0  # an empty cluster keeps its centre
-            c[keep] = (sums[keep] / counts[keep, None]).float()
-            new = nearest(c)
-            moved = (new != assign).nonzero().squeeze(1)
-            if len(moved) == 0:
-                break
-            x_moved = x[moved].double()
-            sums.index_add_(0, assign[moved], x_moved, alpha=-1).index_add_(0, new[moved], x_moved)
-            counts += torch.bincount(new[moved], minlength=n) - torch.bincount(assign[moved], minlength=n)
-            assign = new
-        inertia = float((x - c[assign]).pow(2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = c, inertia
-    return best.cpu()
+    idx = _kmeanspp_batch(x, x_t, sq, u)
+    centres, inertia = _lloyd_batch(x, x_t, sq, x[idx].clone(), iters)
+    return centres[int(inertia.argmin())].cpu()
 
 
 def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd_iters: int = 10) -> Tensor:
@@ -189,7 +223,8 @@ def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd
         x = x[torch.randperm(len(x), generator=gen)[:max_rows]]
     if len(x) < n:
         raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
-    c = x[_kmeanspp_rows(x, x.pow(2).sum(1), n, gen)]
+    u = torch.rand(1, n, generator=gen, dtype=torch.float64)
+    c = x[_kmeanspp_batch(x, x.T.contiguous(), x.pow(2).sum(1), u)[0]]
     c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     for _ in range(lloyd_iters):  # spherical k-means refinement: assign by cosine, centre = normalised member sum
         assign = (x @ c.T).argmax(1)
