@@ -117,6 +117,16 @@ mode), one thinking forward on the batch, and at steps where some row starts a s
 partial thinking forward up to block ``sae_layer`` (token draft) or the draft of a sentence (up to
 ``draft_max_tokens`` cached thinking steps). Re-tokenisation: see above. Finished rows are dropped from the batch
 (caches included).
+
+Lazy thinking (``lazy_thinking``, on by default; sentence granularity, plain mode and the bias_only / random_*
+controls, not with ``record``): the thinking model's state is needed only where a row decides (its draft, or the
+running mean of a sentence that already has tokens); the per-step thinking greedy token only feeds the
+disagreement stat, which can wait. So the emitted tokens are read in ONE thinking forward when some row of the
+batch needs a decision (and when a row leaves the batch with unsettled stats, and at the end), instead of one
+forward per step: at batch 1 that is one thinking forward per sentence instead of one per token. Every row of the
+batch reads the same number of tokens (each emits one per step), so the caches stay rectangular. Tokens, decisions
+and stats equal the per-token path's (tested); only the float rounding of the thinking model's forward over several
+tokens at once differs.
 """
 
 from __future__ import annotations
@@ -192,6 +202,9 @@ class HybridSettings(HybridConfig):
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
     bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
     track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
+    # sentence granularity (plain mode and the bias/random controls): the thinking model reads the emitted tokens in
+    # one forward when a decision needs its state, not one forward per token (module doc, *Cost*); False: per token
+    lazy_thinking: bool = True
     progress: bool = True
 
     @classmethod
@@ -381,6 +394,7 @@ class _Row:
                                                                substituted=0, reranked=0, decisions=0, drafts=0,
                                                                conflicting=0))
     behavior_counts: dict[int, int] = field(default_factory=dict)
+    pending_u: list[int] = field(default_factory=list)  # lazy thinking: unsteered greedy tokens awaiting theirs
     vectors: Tensor | None = None  # random_vectors control: this problem's own vectors [n_latents, d]
     record: dict[str, list] = field(default_factory=lambda: dict(step_logits=[], unsteered_logits=[],
                                                                 candidate_logits=[], pooled=[], behavior=[],
@@ -710,6 +724,12 @@ class HybridGenerator:
         H = None if retok else torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype,
                                            device=tdev)
         orig = torch.arange(B, device=tdev)  # active position -> batch row (for H)
+        # Lazy thinking: in sentence mode (plain, bias_only, random_*) the thinking model's state is needed only where
+        # a row decides (its draft, or H for a sentence that already has tokens) and for the disagreement stat, which
+        # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
+        lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
+                and s.control not in ("oracle", "unsteered_rerank"))
+        pend: list[Tensor] = []  # lazy: the tokens emitted since the thinking model last read, one [A] per step
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -736,15 +756,38 @@ class HybridGenerator:
                 tpos = tmask.sum(-1)
             active = list(range(B))  # batch rows still decoding, in cache order
 
+            def catch_up(upto: int) -> None:
+                """Lazy thinking: read the pending tokens (emitted at steps upto - p .. upto - 1) in one forward;
+                settles the disagreement stat of the steps whose thinking greedy token was not known yet."""
+                nonlocal tmask, tpos, tlogits, pend
+                p = len(pend)
+                ids = torch.stack(pend, 1).to(tdev)  # [A, p]
+                tmask = torch.cat([tmask, tmask.new_ones(len(ids), p)], 1)
+                self._captured = None
+                logits = self._forward(self.thinking, "prefix", ids, tmask,
+                                       tpos[:, None] + torch.arange(p, device=tdev), tcache).float()
+                H[orig, upto - p: upto] = self._captured.to(H.dtype)
+                tpos = tpos + p
+                greedy = logits.argmax(-1).tolist()  # [a][j]: the thinking greedy token of step upto - p + j + 1
+                for a, i in enumerate(active):
+                    r = rows[i]
+                    r.counts["disagree"] += sum(u_ != gj for u_, gj in zip(r.pending_u, greedy[a]))
+                    r.pending_u = []
+                tlogits = logits[:, -1]
+                pend = []
+
             for step in range(s.max_new_tokens):
                 A = len(active)
                 arows = [rows[i] for i in active]
-                tlogp = None if retok else torch.log_softmax(tlogits, -1)  # [A, V]
-                g = None if retok else tlogits.argmax(-1)  # thinking greedy [A]
                 # ---- 1. decide
                 state = [r.stream.current() for r in arows]
                 need = [self.decides and (s.granularity == "token" or cut not in r.decided)
                         for r, (cut, _, _) in zip(arows, state)]
+                if pend and any(need):
+                    catch_up(step)
+                g_known = not pend  # lazy: the thinking greedy token of this step is known only once caught up
+                tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
+                g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
                 starts = [first == end for (_, first, end) in state]
                 draft_h = None
                 pooled_rows, pooled = [], []
@@ -879,7 +922,10 @@ class HybridGenerator:
                         r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
                     if u_l is not None:
                         c["changed"] += e_l[a] != u_l[a]
-                        c["disagree"] += g_l[a] is not None and u_l[a] != g_l[a]
+                        if not g_known:
+                            r.pending_u.append(u_l[a])
+                        else:
+                            c["disagree"] += g_l[a] is not None and u_l[a] != g_l[a]
                     c["substituted"] += sub_l[a]
                     if candidate or s.control == "unsteered_rerank":
                         c["reranked"] += ch_l[a] != 0
@@ -904,6 +950,10 @@ class HybridGenerator:
                         r.finished = True
                     else:
                         r.stream.append(e_l[a])
+                if lazy:
+                    pend.append(e)
+                    if any(r.finished and r.pending_u for r in arows):
+                        catch_up(step + 1)  # settle a finished row's stats before it leaves the batch
                 # ---- drop finished rows
                 keep = [a for a, r in enumerate(arows) if not r.finished]
                 for a, r in enumerate(arows):
@@ -920,11 +970,12 @@ class HybridGenerator:
                     if not retok:
                         kt = kb.to(tdev)
                         tcache.batch_select_indices(kt)
-                        tmask, tpos, orig = tmask[kt], tpos[kt], orig[kt]
+                        tmask, tpos, orig, tlogits = tmask[kt], tpos[kt], orig[kt], tlogits[kt]
                     e = e[kb]
+                    pend = [t[kb] for t in pend]
                     active = [active[a] for a in keep]
                 feed = e
-                if step == s.max_new_tokens - 1 or retok:
+                if step == s.max_new_tokens - 1 or retok or lazy:
                     continue
                 # ---- 4. the thinking model reads the emitted token
                 tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
@@ -932,6 +983,8 @@ class HybridGenerator:
                                         tcache)[:, -1].float()
                 tpos = tpos + 1
                 H[orig, step] = self._captured.to(H.dtype)
+            if active and pend and any(rows[i].pending_u for i in active):
+                catch_up(step + 1)  # the truncated rows' stats
             for i in active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]

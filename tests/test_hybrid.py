@@ -461,6 +461,36 @@ def test_sentence_granularity_holds_one_behavior_per_sentence(lm, sae, vectors):
         assert r["n_decisions"] == len(by_cut) and r["n_drafts"] >= 1
 
 
+@pytest.mark.parametrize("control,draft", [("none", "sentence"), ("random_behavior", "sentence"),
+                                           ("bias_only", "sentence"), ("none", "token")])
+def test_lazy_thinking_equals_reading_every_token(lm, lm2, sae, vectors, control, draft):
+    """Sentence mode's lazy thinking (the emitted tokens are read in one forward when a decision needs them)
+    gives exactly the per-token path's tokens, decisions and stats, the disagreement rate included, also when
+    rows finish at different steps (an extra eos) or are truncated; and it makes fewer thinking forwards."""
+    vecs, bias = vectors
+    prompts = None
+    results, calls = {}, {}
+    for lazy in (False, True):
+        hyb = make(lm2, lm, sae, vecs, bias, granularity="sentence", threshold=-1e9, max_new_tokens=40,
+                   control=control, draft=draft, lazy_thinking=lazy)
+        prompts = prompts or [hyb.prompts(q) for q in QUESTIONS]
+        first = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts])
+        hyb.eos_ids = {lm.tokenizer.eos_token_id, first[1]["token_ids"][7]}  # row 1 (at least) stops early
+        n = [0]
+        handle = lm2.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        try:
+            results[lazy] = first + hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts])
+        finally:
+            handle.remove()
+        calls[lazy] = n[0]
+    eager, lazy = results[False], results[True]
+    assert [r["finished"] for r in eager[3:]] != [r["finished"] for r in eager[:3]]  # some rows stopped early
+    for a, b in zip(eager, lazy):
+        assert a == b
+    assert any(r["disagreement_rate"] > 0 for r in eager) and any(r["n_decisions"] > 1 for r in eager)
+    assert calls[True] < calls[False], calls  # (batch 3: some row decides at most steps; batch 1 saves more)
+
+
 def test_mismatched_tokenizers_refused(lm, lm2, tmp_path, sae):
     other = tmp_path / "other"
     shutil.copytree(lm.source, other)
