@@ -205,6 +205,10 @@ class HybridSettings(HybridConfig):
     # sentence granularity (plain mode and the bias/random controls): the thinking model reads the emitted tokens in
     # one forward when a decision needs its state, not one forward per token (module doc, *Cost*); False: per token
     lazy_thinking: bool = True
+    # with lazy thinking and sentence drafts: the steered base verifies the thinking model's draft sentence in one
+    # forward and emits its greedy tokens up to the first one that differs (module doc, *Speculative*); False:
+    # the base writes one token per forward
+    speculative: bool = True
     progress: bool = True
 
     @classmethod
@@ -394,7 +398,8 @@ class _Row:
                                                                substituted=0, reranked=0, decisions=0, drafts=0,
                                                                conflicting=0))
     behavior_counts: dict[int, int] = field(default_factory=dict)
-    pending_u: list[int] = field(default_factory=list)  # lazy thinking: unsteered greedy tokens awaiting theirs
+    pend: list[int] = field(default_factory=list)  # lazy thinking: tokens emitted since the thinking model read
+    pending_u: list[tuple[int, int]] = field(default_factory=list)  # (index in pend, unsteered greedy token)
     vectors: Tensor | None = None  # random_vectors control: this problem's own vectors [n_latents, d]
     record: dict[str, list] = field(default_factory=lambda: dict(step_logits=[], unsteered_logits=[],
                                                                 candidate_logits=[], pooled=[], behavior=[],
@@ -587,6 +592,54 @@ class HybridGenerator:
                 mask[i, width - len(x):] = 1
         return ids.to(device), mask.to(device)
 
+    @staticmethod
+    def _right_pad(seqs: list[list[int]], width: int, pad: int, device) -> tuple[Tensor, Tensor]:
+        """Token ids [n, width] and their mask (1 = real), each row's tokens first (new positions of a cached
+        forward: a row with fewer leaves masked positions behind, holes its later tokens never attend to)."""
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            if x:
+                ids[i, :len(x)] = torch.tensor(x)
+                mask[i, :len(x)] = 1
+        return ids.to(device), mask.to(device)
+
+    def _emit_verified(self, r: _Row, a: int, cand: list[int], g_after: int | None, greedy_b: list[list[int]],
+                       greedy_u: list[list[int]] | None, g_l: list, g_known: bool, steered: bool, bias: bool,
+                       cut: int) -> int:
+        """Speculative step of row `r` (batch position `a`): the base was fed its last token and then the draft
+        tokens `cand` in one forward at this sentence's delta. Emit the base's greedy token after each fed
+        position while the previous one equalled the draft's, the row's sentence (its cut) stays the same, and it
+        neither ends nor runs out of budget: exactly the tokens one-token steps would emit, since each of them is
+        predicted from the same prefix with the same delta. Each emitted token is tallied as a one-token step
+        (its thinking greedy token: the draft's next one). Returns how many were emitted (>= 1)."""
+        c = r.counts
+        for j in range(len(cand) + 1):
+            tok = greedy_b[a][j]
+            r.n_steps += 1
+            c["steered"] += steered
+            c["bias"] += bias
+            if steered:
+                r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
+            if greedy_u is not None:
+                u = greedy_u[a][j]
+                c["changed"] += tok != u
+                if j == 0 and not g_known:
+                    r.pending_u.append((len(r.pend), u))
+                else:
+                    g = g_l[a] if j == 0 else (cand[j] if j < len(cand) else g_after)
+                    c["disagree"] += g is not None and u != g
+            c["conflicting"] += tok in self.conflicts
+            r.pend.append(tok)
+            if tok in self.eos_ids:
+                r.finished = True
+                return j + 1
+            r.stream.append(tok)
+            if (r.n_steps >= self.settings.max_new_tokens or j == len(cand) or tok != cand[j]
+                    or r.stream.current()[0] != cut):
+                return j + 1
+        raise AssertionError("unreachable: the last position always stops")
+
     def _forward(self, lm: LoadedModel, mode: str, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any,
                  logits_to_keep: int = 0) -> Tensor | None:
         self._mode = mode
@@ -600,7 +653,8 @@ class HybridGenerator:
             self._mode = None
 
     def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any, rows: Tensor | None,
-                        max_tokens: int | None = None, eos_ids: set[int] | None = None) -> Tensor:
+                        max_tokens: int | None = None, eos_ids: set[int] | None = None,
+                        seqs: list[list[int]] | None = None) -> Tensor:
         """Mean block-`sae_layer` output over the thinking model's greedy draft of its next sentence, [A, d].
 
         Starting from `first` (its greedy next token), the thinking model writes on greedily until its own sentence
@@ -612,6 +666,8 @@ class HybridGenerator:
         ``rows=None``: every row of `tcache` drafts and the cache (a throwaway one) is extended in place.
         ``max_tokens`` (default ``draft_max_tokens``) = 1 gives the first token's output alone (``draft="token"``);
         ``eos_ids`` (default the base's, which is the thinking model's with one shared vocabulary) end a draft.
+        ``seqs`` (a list) receives each row's drafted tokens (those it was fed until its draft ended) followed by
+        the thinking model's greedy token after them (speculative verification).
         """
         A = first.shape[0]
         eos_ids = self.eos_ids if eos_ids is None else eos_ids
@@ -622,6 +678,8 @@ class HybridGenerator:
         streams = [SentenceStream(self.thinking.tokenizer) for _ in range(A)]
         hs: list[list[Tensor]] = [[] for _ in range(A)]
         pooled: list[Tensor | None] = [None] * A
+        fed: list[list[int]] = [[] for _ in range(A)]
+        nxt: list[int] = [0] * A
         tok, mask = first, tmask
         for i in range(self.settings.draft_max_tokens if max_tokens is None else max_tokens):
             mask = torch.cat([mask, mask.new_ones(A, 1)], 1)
@@ -629,9 +687,14 @@ class HybridGenerator:
             logits = self._forward(self.thinking, "think", tok[:, None], mask, (tpos + i)[:, None], tcache,
                                    logits_to_keep=1)
             h = self._captured.float()  # [A, d]
+            greedy = logits[:, -1].argmax(-1)
+            greedy_l = greedy.tolist() if seqs is not None else None
             for a, t in enumerate(tok.tolist()):
                 if pooled[a] is not None:
                     continue
+                if seqs is not None:
+                    fed[a].append(t)
+                    nxt[a] = greedy_l[a]
                 if t in eos_ids:
                     pooled[a] = torch.stack(hs[a]).mean(0) if hs[a] else h[a]
                     continue
@@ -644,7 +707,9 @@ class HybridGenerator:
                     pooled[a] = torch.stack(members or hs[a][:1]).mean(0)
             if all(p is not None for p in pooled):
                 break
-            tok = logits[:, -1].argmax(-1)
+            tok = greedy
+        if seqs is not None:
+            seqs.extend(f + [n] for f, n in zip(fed, nxt))
         return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
 
     def _pool_retokenized(self, prompts: list[list[int]], texts: list[str], cuts: list[int]
@@ -729,7 +794,7 @@ class HybridGenerator:
         # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
         lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
                 and s.control not in ("oracle", "unsteered_rerank"))
-        pend: list[Tensor] = []  # lazy: the tokens emitted since the thinking model last read, one [A] per step
+        spec = lazy and s.speculative and s.draft == "sentence" and schedule is None
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -756,25 +821,30 @@ class HybridGenerator:
                 tpos = tmask.sum(-1)
             active = list(range(B))  # batch rows still decoding, in cache order
 
-            def catch_up(upto: int) -> None:
-                """Lazy thinking: read the pending tokens (emitted at steps upto - p .. upto - 1) in one forward;
-                settles the disagreement stat of the steps whose thinking greedy token was not known yet."""
-                nonlocal tmask, tpos, tlogits, pend
-                p = len(pend)
-                ids = torch.stack(pend, 1).to(tdev)  # [A, p]
-                tmask = torch.cat([tmask, tmask.new_ones(len(ids), p)], 1)
+            def catch_up() -> None:
+                """Lazy thinking: every row reads its pending tokens (`_Row.pend`) in one forward; rows with fewer
+                (speculative steps emit several tokens) are padded with masked positions, which stay in the cache as
+                holes. Settles the disagreement stat of the tokens whose thinking greedy token was not known yet."""
+                nonlocal tmask, tpos, tlogits
+                n_new = [len(rows[i].pend) for i in active]
+                p = max(n_new)
+                ids, chunk = self._right_pad([rows[i].pend for i in active], p, self.pad_id, tdev)
+                tmask = torch.cat([tmask, chunk], 1)
                 self._captured = None
                 logits = self._forward(self.thinking, "prefix", ids, tmask,
                                        tpos[:, None] + torch.arange(p, device=tdev), tcache).float()
-                H[orig, upto - p: upto] = self._captured.to(H.dtype)
-                tpos = tpos + p
-                greedy = logits.argmax(-1).tolist()  # [a][j]: the thinking greedy token of step upto - p + j + 1
-                for a, i in enumerate(active):
+                hidden = self._captured.to(H.dtype)
+                n_t = torch.tensor(n_new, device=tdev)
+                last = logits[torch.arange(len(active), device=tdev), (n_t - 1).clamp(min=0)]
+                tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
+                tpos = tpos + n_t
+                greedy = logits.argmax(-1).tolist()  # [a][j]: the thinking greedy token after the row's j-th token
+                for a, (i, n, o) in enumerate(zip(active, n_new, orig.tolist())):
                     r = rows[i]
-                    r.counts["disagree"] += sum(u_ != gj for u_, gj in zip(r.pending_u, greedy[a]))
-                    r.pending_u = []
-                tlogits = logits[:, -1]
-                pend = []
+                    if n:
+                        H[o, r.n_steps - n: r.n_steps] = hidden[a, :n]
+                    r.counts["disagree"] += sum(u_ != greedy[a][j - 1] for j, u_ in r.pending_u)
+                    r.pend, r.pending_u = [], []
 
             for step in range(s.max_new_tokens):
                 A = len(active)
@@ -783,13 +853,15 @@ class HybridGenerator:
                 state = [r.stream.current() for r in arows]
                 need = [self.decides and (s.granularity == "token" or cut not in r.decided)
                         for r, (cut, _, _) in zip(arows, state)]
-                if pend and any(need):
-                    catch_up(step)
-                g_known = not pend  # lazy: the thinking greedy token of this step is known only once caught up
+                if lazy and any(need) and any(r.pend for r in arows):
+                    catch_up()
+                g_known = [not r.pend for r in arows]  # lazy: this step's thinking greedy token known once caught up
                 tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
                 g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
                 starts = [first == end for (_, first, end) in state]
                 draft_h = None
+                cands: list[list[int]] = [[] for _ in arows]  # speculative: the draft tokens the base verifies
+                g_next: dict[int, int] = {}  # speculative: the thinking greedy token after a row's whole draft
                 pooled_rows, pooled = [], []
                 if retok:
                     pooled_rows = [a for a, n in enumerate(need) if n]
@@ -804,7 +876,11 @@ class HybridGenerator:
                         rows_d = [a for a, (n, st) in enumerate(zip(need, starts)) if n and st]
                         sel = torch.tensor(rows_d, device=tdev)
                         draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
-                        draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel)
+                        seqs: list[list[int]] | None = [] if spec else None
+                        draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel, seqs=seqs)
+                        for a, seq in zip(rows_d, seqs or []):
+                            room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
+                            cands[a], g_next[a] = seq[:-1][:room], seq[len(seq[:-1][:room])]
                     else:
                         self._captured = None
                         self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
@@ -867,13 +943,20 @@ class HybridGenerator:
                     if S == 2:  # interleave the unsteered rows (zero delta)
                         delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
                 R = A * S
-                inp = feed.repeat_interleave(S)[:, None].expand(R, K)
-                if K == 1:
-                    mask_in = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
+                L = max(len(c) for c in cands)  # speculative: draft tokens verified in this forward (0: none)
+                if L:  # each row: its fed token + its draft's tokens (padded with masked positions) at one delta
+                    inp, cols = self._right_pad([[f] + c for f, c in zip(feed.tolist(), cands)], 1 + L, self.pad_id,
+                                                bdev)
+                    inp, cols = inp.repeat_interleave(S, 0), cols.repeat_interleave(S, 0)
+                    mask_in, pos_in = torch.cat([bmask, cols], 1), bpos[:, None] + torch.arange(1 + L, device=bdev)
                 else:
-                    mask_in = self._candidate_mask(bmask, K, self.base.model.dtype)
+                    inp, pos_in = feed.repeat_interleave(S)[:, None].expand(R, K), bpos[:, None].expand(R, K)
+                    if K == 1:
+                        mask_in = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
+                    else:
+                        mask_in = self._candidate_mask(bmask, K, self.base.model.dtype)
                 self._delta = delta
-                logits = self._forward(self.base, "base", inp, mask_in, bpos[:, None].expand(R, K), bcache).float()
+                logits = self._forward(self.base, "base", inp, mask_in, pos_in, bcache).float()
                 self._delta = None
                 steered_logits = logits[0::S]  # [A, K, V]
                 u = logits[1::2, 0].argmax(-1) if S == 2 else (None if self.steers else logits[:, 0].argmax(-1))
@@ -897,8 +980,12 @@ class HybridGenerator:
                     e = top.gather(1, chosen[:, None])[:, 0]
                 else:
                     e = steered_logits[:, 0].argmax(-1)
-                bmask = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
-                bpos = bpos + 1
+                if L:  # [A][1 + L]: the steered (and unsteered) greedy token after each fed position
+                    greedy_b = steered_logits.argmax(-1).tolist()
+                    greedy_u = logits[1::2].argmax(-1).tolist() if S == 2 else (None if self.steers else greedy_b)
+                else:
+                    bmask = torch.cat([bmask, bmask.new_ones(R, 1)], 1)
+                    bpos = bpos + 1
                 # ---- stats
                 if candidate:
                     k_coef = torch.where(chosen < len(s.coefficients), coefs[chosen.clamp(max=len(coefs) - 1)], 0.0)
@@ -913,7 +1000,13 @@ class HybridGenerator:
                 u_l = None if u is None else u.tolist()
                 bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
                 sub_l = sub.tolist() if s.control == "oracle" else [False] * A
+                n_emitted = []
                 for a, r in enumerate(arows):
+                    n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
+                                                         g_known[a], st_l[a], bias_l[a], state[a][0])
+                                     if L else 0)
+                    if L:
+                        continue
                     c = r.counts
                     r.n_steps += 1
                     c["steered"] += st_l[a]
@@ -922,8 +1015,8 @@ class HybridGenerator:
                         r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
                     if u_l is not None:
                         c["changed"] += e_l[a] != u_l[a]
-                        if not g_known:
-                            r.pending_u.append(u_l[a])
+                        if not g_known[a]:
+                            r.pending_u.append((len(r.pend), u_l[a]))
                         else:
                             c["disagree"] += g_l[a] is not None and u_l[a] != g_l[a]
                     c["substituted"] += sub_l[a]
@@ -946,18 +1039,25 @@ class HybridGenerator:
                         rec["thinking_greedy"].append(g_l[a])
                         rec["base_greedy"].append(None if u_l is None else u_l[a])
                         rec["emitted"].append(e_l[a])
+                    if lazy:
+                        r.pend.append(e_l[a])
                     if e_l[a] in self.eos_ids:
                         r.finished = True
                     else:
                         r.stream.append(e_l[a])
-                if lazy:
-                    pend.append(e)
-                    if any(r.finished and r.pending_u for r in arows):
-                        catch_up(step + 1)  # settle a finished row's stats before it leaves the batch
-                # ---- drop finished rows
-                keep = [a for a, r in enumerate(arows) if not r.finished]
-                for a, r in enumerate(arows):
-                    if r.finished:
+                if L:  # keep each row's fed positions whose predictions were emitted; the rest become holes
+                    n_t = torch.tensor(n_emitted, device=bdev).repeat_interleave(S)
+                    bmask = torch.cat([bmask, (torch.arange(1 + L, device=bdev)[None] < n_t[:, None]).to(bmask.dtype)],
+                                      1)
+                    bpos = bpos + n_t
+                    e = torch.tensor([r.pend[-1] for r in arows], device=bdev)  # the next token to feed
+                done = [r.finished or r.n_steps >= s.max_new_tokens for r in arows]
+                if lazy and any(d and r.pending_u for d, r in zip(done, arows)):
+                    catch_up()  # settle a leaving row's stats
+                # ---- drop finished (and truncated) rows
+                keep = [a for a, d in enumerate(done) if not d]
+                for d in done:
+                    if d:
                         bar.update(1)
                 if not keep:
                     active = []
@@ -972,7 +1072,6 @@ class HybridGenerator:
                         tcache.batch_select_indices(kt)
                         tmask, tpos, orig, tlogits = tmask[kt], tpos[kt], orig[kt], tlogits[kt]
                     e = e[kb]
-                    pend = [t[kb] for t in pend]
                     active = [active[a] for a in keep]
                 feed = e
                 if step == s.max_new_tokens - 1 or retok or lazy:
@@ -983,8 +1082,6 @@ class HybridGenerator:
                                         tcache)[:, -1].float()
                 tpos = tpos + 1
                 H[orig, step] = self._captured.to(H.dtype)
-            if active and pend and any(rows[i].pending_u for i in active):
-                catch_up(step + 1)  # the truncated rows' stats
             for i in active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]

@@ -462,33 +462,65 @@ def test_sentence_granularity_holds_one_behavior_per_sentence(lm, sae, vectors):
 
 
 @pytest.mark.parametrize("control,draft", [("none", "sentence"), ("random_behavior", "sentence"),
-                                           ("bias_only", "sentence"), ("none", "token")])
-def test_lazy_thinking_equals_reading_every_token(lm, lm2, sae, vectors, control, draft):
-    """Sentence mode's lazy thinking (the emitted tokens are read in one forward when a decision needs them)
-    gives exactly the per-token path's tokens, decisions and stats, the disagreement rate included, also when
-    rows finish at different steps (an extra eos) or are truncated; and it makes fewer thinking forwards."""
+                                           ("bias_only", "sentence"), ("random_vectors", "sentence"),
+                                           ("none", "token")])
+def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae, vectors, control, draft):
+    """Sentence mode's lazy thinking (the emitted tokens are read in one forward when a decision needs them) and
+    speculative steps (the base verifies the thinking model's draft sentence in one forward; ragged rows leave
+    masked holes in both caches) give exactly the one-token path's tokens, decisions and stats, the disagreement
+    rate included, also when rows finish at different steps (an extra eos) or are truncated; each makes fewer
+    forwards of the model it spares."""
     vecs, bias = vectors
     prompts = None
     results, calls = {}, {}
-    for lazy in (False, True):
+    modes = {"per_token": dict(lazy_thinking=False), "lazy": dict(speculative=False), "speculative": {}}
+    for name, kw in modes.items():
         hyb = make(lm2, lm, sae, vecs, bias, granularity="sentence", threshold=-1e9, max_new_tokens=40,
-                   control=control, draft=draft, lazy_thinking=lazy)
+                   control=control, draft=draft, **kw)
         prompts = prompts or [hyb.prompts(q) for q in QUESTIONS]
         first = hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts])
         hyb.eos_ids = {lm.tokenizer.eos_token_id, first[1]["token_ids"][7]}  # row 1 (at least) stops early
-        n = [0]
-        handle = lm2.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        n = {"thinking": 0, "base": 0}
+        hooks = [m.model.register_forward_pre_hook(lambda *_, k=k: n.__setitem__(k, n[k] + 1))
+                 for k, m in (("thinking", lm2), ("base", lm))]
         try:
-            results[lazy] = first + hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts])
+            results[name] = first + hyb.generate_ids([b for b, _ in prompts], [t for _, t in prompts])
         finally:
-            handle.remove()
-        calls[lazy] = n[0]
-    eager, lazy = results[False], results[True]
-    assert [r["finished"] for r in eager[3:]] != [r["finished"] for r in eager[:3]]  # some rows stopped early
-    for a, b in zip(eager, lazy):
-        assert a == b
-    assert any(r["disagreement_rate"] > 0 for r in eager) and any(r["n_decisions"] > 1 for r in eager)
-    assert calls[True] < calls[False], calls  # (batch 3: some row decides at most steps; batch 1 saves more)
+            for h in hooks:
+                h.remove()
+        calls[name] = n
+    ref = results["per_token"]
+    assert [r["finished"] for r in ref[3:]] != [r["finished"] for r in ref[:3]]  # some rows stopped early
+    assert any(r["truncated"] for r in ref)
+    assert any(r["disagreement_rate"] > 0 for r in ref) and any(r["n_decisions"] > 1 for r in ref)
+    for name in ("lazy", "speculative"):
+        for a, b in zip(ref, results[name]):
+            assert a == b, name
+    # (batch 3: some row decides at most steps, so lazy saves less than at batch 1; the base's savings: below)
+    assert calls["lazy"]["thinking"] < calls["per_token"]["thinking"], calls
+
+
+def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vectors):
+    """Batch 1 (no holes: every verified position is the row's own) over longer generations: the same results
+    with fewer base forwards (a verified draft token costs no forward of its own). Both models read the thinking
+    prompt here, so that the base, lightly steered, often writes what the thinking model drafted."""
+    vecs, bias = vectors
+    weak = {k: v / 10 for k, v in vecs.items()}
+    out, calls = {}, {}
+    for name, kw in (("per_token", dict(lazy_thinking=False)), ("speculative", {})):
+        hyb = make(lm2, lm, sae, weak, bias / 10, threshold=-1e9, max_new_tokens=60, batch_size=1, **kw)
+        ids = [hyb.prompts(q)[1] for q in QUESTIONS]
+        n = [0]
+        hook = lm.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        try:
+            out[name] = hyb.generate_ids(ids, ids)
+        finally:
+            hook.remove()
+        calls[name] = n[0]
+    assert out["per_token"] == out["speculative"]
+    assert calls["per_token"] == sum(r["n_steps"] for r in out["per_token"]) + len(QUESTIONS)  # prefill + 1 a token
+    assert calls["speculative"] < 0.8 * calls["per_token"], calls
+    assert any(r["changed_fraction"] > 0 for r in out["per_token"])  # the steering still acts
 
 
 def test_mismatched_tokenizers_refused(lm, lm2, tmp_path, sae):
