@@ -12,8 +12,14 @@ a hook on the LM head, for every method alike, so no row stops early):
 - ``hybrid_sentence`` / ``hybrid_token``: `HybridGenerator(...).generate_ids` with the default settings
   (plain mode, coefficient 1, bias always on, `track_unsteered=True`: the base runs 2 rows per problem to report
   changed/disagreement rates) and ``granularity`` sentence / token. A random SAE (15 latents, k 3) at the SAE layer,
-  random unit steering vectors for every latent and a bias vector: the cost does not depend on their values.
-  Diagnostics (not used for the targets): ``diag_hybrid_sentence_untracked`` (`track_unsteered=False`) and
+  random unit steering vectors for every latent and a bias vector (the one-token path's cost does not depend on
+  their values).
+  With ``--artifacts TRAIN_DIR,STEER_DIR`` (e.g. the demo's) the trained SAE, its layer, the steering vectors and
+  their layer replace the random ones (coefficient 0.25, the demo's): lazy thinking and speculative steps make the
+  cost depend on where sentences end and on how much of each draft the steered base accepts.
+  Diagnostics (not used for the targets): ``diag_hybrid_sentence_speculative`` (`speculative="single_row"`),
+  ``diag_hybrid_sentence_per_token_thinking`` (`lazy_thinking=False`: the thinking model reads every token as it is
+  emitted, the code of sessions 1-4), ``diag_hybrid_sentence_untracked`` (`track_unsteered=False`) and
   ``diag_hybrid_sentence_draft_token`` (`draft="token"`: at a sentence start the thinking model drafts one token
   instead of its whole next sentence).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
@@ -254,6 +260,13 @@ def main() -> None:
     p.add_argument("--ref-live", type=int, default=None, help="live reference steps from the prompt")
     p.add_argument("--no-diag", action="store_true", help="skip the diagnostic hybrid_sentence_untracked runs")
     p.add_argument("--profile", action="store_true", help="profile the hybrid even when the targets are met")
+    p.add_argument("--artifacts", default=None, metavar="TRAIN_DIR,STEER_DIR",
+                   help="the SAE (train.py run) and steering vectors (steer.py run) of the models benchmarked, e.g. "
+                        "outputs/demo/train,outputs/demo/steer after `make demo` (organism only); default: a random "
+                        "SAE and random unit vectors. Lazy thinking and speculative steps make the hybrid's cost "
+                        "depend on what it decides and writes, so trained artifacts give the realistic figure")
+    p.add_argument("--coefficient", type=float, default=None,
+                   help="hybrid.coefficient (default 1 with random vectors; 0.25, the demo's, with --artifacts)")
     args = p.parse_args()
     device = C.setup(args)
     from sae_reasoning.hybrid import HybridGenerator, HybridSettings
@@ -281,13 +294,30 @@ def main() -> None:
     vectors = vectors / vectors.norm(dim=-1, keepdim=True)
     bias = torch.randn(base.d_model, generator=g)
     bias = 0.5 * bias / bias.norm()
+    artifacts = "random SAE (15 latents, k 3) and random unit vectors, bias norm 0.5"
+    if args.artifacts:
+        from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae
+        from sae_reasoning.steering import load_vectors
+
+        train_dir, steer_dir = args.artifacts.split(",")
+        taxonomy = chosen_taxonomy(train_dir)
+        sae, sae_layer = load_chosen_sae(train_dir, taxonomy), taxonomy["layer"]
+        loaded = load_vectors(steer_dir, d_model=base.d_model)
+        steering_layer, n_latents, bias = loaded.layer, sae.n_latents, loaded.bias
+        vectors = torch.zeros(n_latents, base.d_model)
+        for latent, vec in loaded.vectors.items():
+            vectors[int(latent)] = vec
+        artifacts = f"trained: {taxonomy['name']} from {train_dir}, vectors from {steer_dir}"
+    coefficient = args.coefficient if args.coefficient is not None else (0.25 if args.artifacts else 1.0)
 
     problems = make_splits(0, n_train=1000)["test"][: max(batches)]
     questions = [pr.question for pr in problems]
-    vec_map = {i: vectors[i] for i in range(n_latents)}
+    vec_map = ({int(k): v for k, v in loaded.vectors.items()} if args.artifacts
+               else {i: vectors[i] for i in range(n_latents)})
 
     def mk(**kw):
-        return HybridGenerator(thinking, base, sae, sae_layer, vec_map, bias, steering_layer, progress=False, **kw)
+        return HybridGenerator(thinking, base, sae, sae_layer, vec_map, bias, steering_layer, progress=False,
+                               coefficient=coefficient, **kw)
 
     pairs = [mk().prompts(q) for q in questions]
     base_prompts, think_prompts = [pr[0] for pr in pairs], [pr[1] for pr in pairs]
@@ -322,6 +352,11 @@ def main() -> None:
                     if "draft" in HybridSettings.__dataclass_fields__:
                         gens["diag_hybrid_sentence_draft_token"] = mk(granularity="sentence", max_new_tokens=n,
                                                                       batch_size=b, draft="token")
+                    if "speculative" in HybridSettings.__dataclass_fields__:
+                        gens["diag_hybrid_sentence_speculative"] = mk(granularity="sentence", max_new_tokens=n,
+                                                                      batch_size=b, speculative="single_row")
+                        gens["diag_hybrid_sentence_per_token_thinking"] = mk(
+                            granularity="sentence", max_new_tokens=n, batch_size=b, lazy_thinking=False)
                 fns = {"base_hf_generate": lambda: base_hf_generate(base, bp, n),
                        "base_cached_loop": lambda: base_cached_loop(base, bp, n)}
                 for key, gen in gens.items():
@@ -413,8 +448,10 @@ def main() -> None:
         "setup": {"steering_layer": steering_layer, "sae_layer": sae_layer, "n_latents": n_latents, "k": 3,
                   "tokens": tokens, "batches": batches, "repeats": repeats,
                   "eos": "masked to -inf in both models for every method (fixed-length generations)",
-                  "hybrid_settings": "defaults (plain mode, coefficient 1, bias always, track_unsteered=True, "
-                                     "draft='sentence' where the module has it)",
+                  "hybrid_settings": f"defaults (plain mode, coefficient {coefficient}, bias always, "
+                                     "track_unsteered=True, draft='sentence', lazy thinking where the module "
+                                     "has it)",
+                  "artifacts": artifacts,
                   "reference": {"coefficients": REF_COEFFICIENTS, "windows": REF_WINDOWS,
                                 "forwards_per_token": {"agree": 3,
                                                        "disagree": 3 + len(REF_COEFFICIENTS) * len(REF_WINDOWS)},

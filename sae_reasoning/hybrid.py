@@ -122,11 +122,35 @@ Lazy thinking (``lazy_thinking``, on by default; sentence granularity, plain mod
 controls, not with ``record``): the thinking model's state is needed only where a row decides (its draft, or the
 running mean of a sentence that already has tokens); the per-step thinking greedy token only feeds the
 disagreement stat, which can wait. So the emitted tokens are read in ONE thinking forward when some row of the
-batch needs a decision (and when a row leaves the batch with unsettled stats, and at the end), instead of one
-forward per step: at batch 1 that is one thinking forward per sentence instead of one per token. Every row of the
-batch reads the same number of tokens (each emits one per step), so the caches stay rectangular. Tokens, decisions
+batch needs a decision (and when a finished or truncated row leaves the batch with unsettled stats), instead of
+one forward per step: at batch 1 that is one thinking forward per sentence instead of one per token. Without
+speculative steps every row reads the same number of tokens (each emits one per step); with them, rows that read
+fewer leave masked holes (below). Tokens, decisions
 and stats equal the per-token path's (tested); only the float rounding of the thinking model's forward over several
 tokens at once differs.
+
+Speculative steps (``speculative``: "off", the default, "single_row" or "always"; with lazy thinking and
+``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole next sentence to name the
+behavior. That draft is also a guess of what the base will write, so the base, steered with the sentence's delta,
+is fed its last token followed by the draft's tokens in ONE forward, and emits its greedy token after each position
+while the previous one equalled the draft's (the first differing token, the base's own, is emitted too) and the
+sentence stays the same (a new or retracted cut would change the delta: the step ends there). These are exactly the
+tokens one-token steps would emit: each is predicted from the same prefix with the same delta at every position.
+The stats are tallied per token as one-token steps would (the thinking greedy token after an accepted draft token
+is the draft's next one). Rows of a batch accept different numbers of tokens, and rows that do not start a sentence
+feed one token: the unused positions stay in the base cache as masked holes (the thinking cache gets holes the same
+way when its rows catch up on different numbers of tokens); position ids count real tokens only. On the organism
+about a third of the emitted tokens come from accepted drafts (mean 3.2 tokens a verified step at batch 1).
+When it pays: a batch takes as many steps as its slowest row, so accepted tokens shorten a batch only where every
+row accepts, while a verify forward runs 1 + (longest draft) positions for EVERY row (on a CPU each position costs
+about what it costs in a one-token forward). "single_row" therefore verifies only while one row is decoding (batch
+1, or the last row of a batch); "always" verifies at every sentence start. Measured on the organism with the demo's
+SAE and vectors (CPU, one thread): 48 test problems generated to their end, batch 1, 6 rounds: 223 tokens/s with
+lazy thinking, 244 with "single_row" (+9%); batch 16 (32 problems): 734 lazy, 551 with "always". But in the
+benchmark's fixed-length runs (512 tokens, eos masked: the text after the answer is out of distribution and its
+drafts are long and rejected) "single_row" cost 10% at batch 1 (191 against 212 tokens/s). Hence off by default
+on a CPU; on a GPU, where a step costs its launches more than its positions, it should pay, but it was not measured
+there.
 """
 
 from __future__ import annotations
@@ -143,7 +167,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_reasoning.config import HybridConfig
+from sae_reasoning.config import SPECULATIVE_MODES, HybridConfig
 from sae_reasoning.errors import UserError
 from sae_reasoning.hooks import add_to_resid_post
 from sae_reasoning.models import LoadedModel, thinking_prompt
@@ -202,13 +226,6 @@ class HybridSettings(HybridConfig):
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
     bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
     track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
-    # sentence granularity (plain mode and the bias/random controls): the thinking model reads the emitted tokens in
-    # one forward when a decision needs its state, not one forward per token (module doc, *Cost*); False: per token
-    lazy_thinking: bool = True
-    # with lazy thinking and sentence drafts: the steered base verifies the thinking model's draft sentence in one
-    # forward and emits its greedy tokens up to the first one that differs (module doc, *Speculative*); False:
-    # the base writes one token per forward
-    speculative: bool = True
     progress: bool = True
 
     @classmethod
@@ -241,6 +258,8 @@ class HybridSettings(HybridConfig):
             raise HybridError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
         if self.draft not in ("sentence", "token"):
             raise HybridError(f"hybrid.draft={self.draft!r}: must be 'sentence' or 'token'")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise HybridError(f"hybrid.speculative={self.speculative!r}: must be one of {SPECULATIVE_MODES}")
         if self.rerank_top_c is not None and self.rerank_top_c < 1:
             raise HybridError(f"hybrid.rerank_top_c={self.rerank_top_c}: must be >= 1")
 
@@ -794,7 +813,7 @@ class HybridGenerator:
         # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
         lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
                 and s.control not in ("oracle", "unsteered_rerank"))
-        spec = lazy and s.speculative and s.draft == "sentence" and schedule is None
+        spec = lazy and s.speculative != "off" and s.draft == "sentence" and schedule is None
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -860,6 +879,7 @@ class HybridGenerator:
                 g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
                 starts = [first == end for (_, first, end) in state]
                 draft_h = None
+                verify = spec and (A == 1 or s.speculative == "always")
                 cands: list[list[int]] = [[] for _ in arows]  # speculative: the draft tokens the base verifies
                 g_next: dict[int, int] = {}  # speculative: the thinking greedy token after a row's whole draft
                 pooled_rows, pooled = [], []
@@ -876,7 +896,7 @@ class HybridGenerator:
                         rows_d = [a for a, (n, st) in enumerate(zip(need, starts)) if n and st]
                         sel = torch.tensor(rows_d, device=tdev)
                         draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
-                        seqs: list[list[int]] | None = [] if spec else None
+                        seqs: list[list[int]] | None = [] if verify else None
                         draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel, seqs=seqs)
                         for a, seq in zip(rows_d, seqs or []):
                             room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1

@@ -473,7 +473,8 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
     vecs, bias = vectors
     prompts = None
     results, calls = {}, {}
-    modes = {"per_token": dict(lazy_thinking=False), "lazy": dict(speculative=False), "speculative": {}}
+    modes = {"per_token": dict(lazy_thinking=False), "lazy": dict(speculative="off"),
+             "speculative": dict(speculative="always")}  # always: ragged rows, masked holes in both caches
     for name, kw in modes.items():
         hyb = make(lm2, lm, sae, vecs, bias, granularity="sentence", threshold=-1e9, max_new_tokens=40,
                    control=control, draft=draft, **kw)
@@ -507,7 +508,7 @@ def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vect
     vecs, bias = vectors
     weak = {k: v / 10 for k, v in vecs.items()}
     out, calls = {}, {}
-    for name, kw in (("per_token", dict(lazy_thinking=False)), ("speculative", {})):
+    for name, kw in (("per_token", dict(lazy_thinking=False)), ("speculative", dict(speculative="single_row"))):
         hyb = make(lm2, lm, sae, weak, bias / 10, threshold=-1e9, max_new_tokens=60, batch_size=1, **kw)
         ids = [hyb.prompts(q)[1] for q in QUESTIONS]
         n = [0]
@@ -549,6 +550,8 @@ def test_config_and_validation(lm, sae, vectors):
     assert hyb.settings.granularity == "token" and hyb.settings.max_new_tokens == 24  # the override wins
     with pytest.raises(HybridError, match="control"):
         make(lm, lm, sae, vecs, bias, control="nope")
+    with pytest.raises(HybridError, match="speculative"):
+        make(lm, lm, sae, vecs, bias, speculative=True)  # one of off / single_row / always
     with pytest.raises(HybridError, match="latent 9"):
         make(lm, lm, sae, {9: torch.zeros(D)}, None)
     with pytest.raises(HybridError, match="d_model"):

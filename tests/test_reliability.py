@@ -150,6 +150,7 @@ CONFIG_CASES = [
     ("hybrid.batch_size=0", "hybrid.batch_size=0"),
     ("hybrid.draft=word", "hybrid.draft='word'"),
     ("hybrid.draft_max_tokens=0", "hybrid.draft_max_tokens=0"),
+    ("hybrid.speculative=maybe", "hybrid.speculative='maybe'"),
     ("hybrid.candidate_mode=true hybrid.coefficients=[]", "hybrid.coefficients is empty"),
     ("eval.methods=[base,magic]", "eval.methods='magic'"),
     ("eval.methods=[]", "eval.methods is empty"),
