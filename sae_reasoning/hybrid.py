@@ -900,7 +900,8 @@ class HybridGenerator:
                         draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel, seqs=seqs)
                         for a, seq in zip(rows_d, seqs or []):
                             room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
-                            cands[a], g_next[a] = seq[:-1][:room], seq[len(seq[:-1][:room])]
+                            cands[a] = seq[:-1][:room]
+                            g_next[a] = seq[len(cands[a])]  # the thinking greedy token after the verified ones
                     else:
                         self._captured = None
                         self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
@@ -1020,12 +1021,11 @@ class HybridGenerator:
                 u_l = None if u is None else u.tolist()
                 bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
                 sub_l = sub.tolist() if s.control == "oracle" else [False] * A
-                n_emitted = []
+                n_emitted = []  # speculative steps: tokens emitted per row
                 for a, r in enumerate(arows):
-                    n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
-                                                         g_known[a], st_l[a], bias_l[a], state[a][0])
-                                     if L else 0)
                     if L:
+                        n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
+                                                             g_known[a], st_l[a], bias_l[a], state[a][0]))
                         continue
                     c = r.counts
                     r.n_steps += 1
