@@ -9,11 +9,14 @@ after the final norm; for every other block the two agree.
 Layout of an activation folder (written shard by shard, so memory stays bounded; the forwards run on a window of
 shards at a time with the traces sorted by length, and a crash loses at most that window):
 
-    layer_{L}/shard-{b:05d}.safetensors   {"activations": [n_sentences_in_batch, d_model]}
-    index/shard-{b:05d}.jsonl             one record per sentence (trace id, sentence index, spans, text, label)
-    meta.json                             written last: layers, d_model, dtype, counts, fingerprint
+    shards/shard-{b:05d}.safetensors   {"layer_{L}": [n_sentences_in_batch, d_model] for each layer L}
+    index/shard-{b:05d}.jsonl          one record per sentence (trace id, sentence index, spans, text, label)
+    meta.json                          written last: layers, d_model, dtype, counts, fingerprint, format
 
-A batch is complete when its index shard exists (written after its tensors).
+A batch is complete when its index shard exists (written after its tensors). Every layer of a shard is in one file
+(FORMAT 2; format 1 had a file per layer): each file is fsynced before its rename, and with one file a shard makes
+2 fsyncs instead of layers + 1 (at 3 layers they were 10-15% of the organism extractor's time on the CPU); reading
+one layer still reads only that tensor (safetensors opens lazily).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sae_reasoning.models import LoadedModel, TORCH_DTYPES, decoder_layers, resi
 from sae_reasoning.sentences import Sentence, attach_token_spans, split_sentences, thinking_span
 
 LabelFn = Callable[[str], "str | None"]
+FORMAT = 2  # the folder layout above (part of the pipeline's cache key: a format-1 cache is recomputed)
 
 
 class _StopForward(Exception):
@@ -197,7 +201,7 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
     labelled = sum(r["label"] is not None for r in index)
     write_meta(folder, kind="activations", fingerprint=fingerprint, layers=layers, d_model=lm.d_model, dtype=dtype,
                n_traces=len(traces), n_sentences=len(index), n_labelled=labelled if label_fn else None,
-               n_shards=len(batches), min_words=min_words, model=lm.source,
+               n_shards=len(batches), min_words=min_words, model=lm.source, format=FORMAT,
                hook_names=[resid_post_hook_name(layer) for layer in layers])
     return folder
 
@@ -206,14 +210,15 @@ def _write_shard(folder: Path, b: int, layers: Sequence[int], per_trace: Sequenc
                  store_dtype: torch.dtype, dtype: str) -> None:
     """Shard b: its tensors first, then its index (the index marks the shard complete)."""
     records = [rec for _, recs in per_trace for rec in recs]
+    tensors = {}
     for layer in layers:
         parts = [m[layer] for m, _ in per_trace]
         tensor = torch.cat(parts).to(store_dtype).contiguous()  # a shard has >= 1 trace
         if not torch.isfinite(tensor).all():  # e.g. float16 overflows above 65504
             raise DataError(f"activations at layer {layer} overflow data.activation_dtype={dtype}; use "
                             "data.activation_dtype=float32 or bfloat16")
-        atomic_write_bytes(folder / f"layer_{layer}" / f"shard-{b:05d}.safetensors",
-                           safetensors_save({"activations": tensor}))
+        tensors[f"layer_{layer}"] = tensor
+    atomic_write_bytes(folder / "shards" / f"shard-{b:05d}.safetensors", safetensors_save(tensors))
     atomic_write_text(folder / "index" / f"shard-{b:05d}.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -243,9 +248,9 @@ class ActivationStore:
 
     def iter_layer(self, layer: int) -> Iterator[torch.Tensor]:
         """The layer's activations shard by shard, as float32 (bounded memory for huge sets)."""
-        for path in self._shards(f"layer_{layer}", "shard-*.safetensors"):
+        for path in self._shards("shards", "shard-*.safetensors"):
             with safe_open(str(path), framework="pt") as fh:
-                yield fh.get_tensor("activations").float()
+                yield fh.get_tensor(f"layer_{layer}").float()
 
     def load(self, layer: int) -> torch.Tensor:
         """All sentence vectors of a layer, [n_sentences, d_model] float32."""

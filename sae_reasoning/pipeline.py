@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_reasoning import tracking
-from sae_reasoning.activations import ActivationStore, extract_activations
+from sae_reasoning.activations import FORMAT, ActivationStore, extract_activations
 from sae_reasoning.artifacts import fingerprint, folder_fingerprint
 from sae_reasoning.config import resolve_path
 from sae_reasoning.data import load_questions
@@ -36,7 +36,7 @@ def traces_key(cfg: Any) -> dict:
 def activations_key(cfg: Any) -> dict:
     d = cfg.data
     return {"traces": fingerprint(traces_key(cfg)), "layers": sorted(cfg.model.sae_layers),
-            "min_words": d.min_words, "dtype": d.activation_dtype}
+            "min_words": d.min_words, "dtype": d.activation_dtype, "format": FORMAT}
 
 
 def label_function(cfg: Any):

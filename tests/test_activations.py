@@ -66,6 +66,14 @@ def test_activations_match_hidden_states(stories, tmp_path):
                           for t in traces])
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
+    # one file per shard holds every layer (format 2): 2 fsynced files a shard (tensors, index), not layers + 1
+    from safetensors import safe_open
+
+    shards = sorted((folder / "shards").iterdir())
+    assert [p.name for p in shards] == [f"shard-{b:05d}.safetensors" for b in range(len(shards))] and len(shards) > 1
+    assert sorted(p.name for p in folder.iterdir()) == ["index", "meta.json", "shards"] and store.meta["format"] == 2
+    with safe_open(str(shards[0]), framework="pt") as fh:
+        assert sorted(fh.keys()) == [f"layer_{layer}" for layer in layers]
 
 
 def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
@@ -95,7 +103,7 @@ def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
     for b in (1, 3):
         (part / "index" / f"shard-{b:05d}.jsonl").unlink()
     (part / "index" / ".shard-00001.jsonl.tmp-123-456").write_text("{half a rec")  # what a kill mid-write leaves
-    (part / "layer_1" / ".shard-00003.safetensors.tmp").write_bytes(b"half")
+    (part / "shards" / ".shard-00003.safetensors.tmp").write_bytes(b"half")
     kept = (part / "index" / "shard-00000.jsonl").stat().st_mtime_ns
     resumed = ActivationStore(extract_activations(stories, traces, [1], part, batch_size=2, min_words=2,
                                                   sort_window=3, progress=False))

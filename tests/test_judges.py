@@ -77,9 +77,15 @@ class FakeOpenAI:
                     fake.seen[key] = nth + 1
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                counted = True
                 try:
                     status, headers, content, delay = fake.script(body, nth)
                     time.sleep(max(delay, fake.delay_s))
+                    # the request leaves the count BEFORE its response is sent: once the client has the response it
+                    # may send its next request at once, which the count must not see overlap with this one
+                    with fake.lock:
+                        fake.in_flight -= 1
+                        counted = False
                     if status == 200:
                         payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                                    "choices": [{"index": 0, "finish_reason": "stop",
@@ -97,8 +103,9 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                     pass
                 finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                    if counted:
+                        with fake.lock:
+                            fake.in_flight -= 1
 
         return Handler
 
