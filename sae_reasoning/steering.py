@@ -86,7 +86,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1017,6 +1017,18 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             atomic_write_bytes(partial / f"{key}.safetensors", blob)
             atomic_write_json(partial / f"{key}.json", {"stamp": stamp_, "tensor_sha256": _sha256(blob), "record": rec})
 
+    def resume_or_train(key: str, stamp_: str, train: Callable[[], tuple[Tensor, dict]]) -> dict:
+        """vectors[key] and its record: the ones an interrupted run finished under `stamp_`, else `train()`'s
+        (checkpointed at once, so that a later kill keeps them)."""
+        done = resumed(key, stamp_)
+        if done is not None:
+            print(f"steering: {key} resumed from {partial}")
+        else:
+            done = train()
+            checkpoint(key, stamp_, *done)
+        vectors[key] = done[0]
+        return done[1]
+
     for latent, ex in sets.items():
         key = vector_key(latent)
         hit_contexts = ex.hit_contexts(n_hit_examples) if thinking is not None and n_hit_examples > 0 else None
@@ -1027,14 +1039,10 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             truth = [t for t in truth if t is not None]
             planted = max(sorted(set(truth)), key=truth.count) if truth else None
         st = stamp(key, titles.get(latent, ""), ex.train, ex.val, hit_contexts or [], elsewhere or [])
-        done = resumed(key, st)
-        if done is not None:
-            vectors[key], rec = done
-            print(f"steering: {key} resumed from {partial}")
-        else:
+
+        def train_behavior() -> tuple[Tensor, dict]:  # called at once, in this iteration
             tv = train_vector(base, ex.train, ex.val, layer, settings, thinking=thinking, progress=progress,
                               desc=f"{key} {titles.get(latent, '')}".strip(), log=logger(key))
-            vectors[key] = tv.vector
             rec = {"latent": latent, "title": titles.get(latent, ""), **record(tv, len(ex.train), len(ex.val)),
                    "n_candidates": ex.n_candidates, "n_too_long": ex.n_too_long,
                    "mean_activation": sum(e.activation for e in ex.train + ex.val) / (len(ex.train) + len(ex.val))}
@@ -1049,8 +1057,9 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
                         base, thinking, sae, sae_layer, elsewhere, tv.vector, latent, layer,
                         max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed + 1,
                         label_fn=label_fn, target_label=planted, error_limits=error_limits, progress=progress)
-            checkpoint(key, st, tv.vector, rec)
-        records[key] = rec
+            return tv.vector, rec
+
+        records[key] = rec = resume_or_train(key, st, train_behavior)
         h, he = rec.get("hit_rates", {}), rec.get("hit_rates_elsewhere", {})
         table_rows.append([key, latent, rec["title"], rec["norm"], rec["n_train"], rec["n_val"],
                            rec["val_loss_before"], rec["val_loss_after"], h.get("steered"), h.get("unsteered"),
@@ -1065,17 +1074,12 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
             print(f"steering: no bias vector: {skipped_bias}")
             records_bias_skip = skipped_bias
         else:
-            st = stamp(BIAS, "bias", btrain, bval)
-            done = resumed(BIAS, st)
-            if done is not None:
-                vectors[BIAS], records[BIAS] = done
-                print(f"steering: {BIAS} resumed from {partial}")
-            else:
+            def train_bias_vector() -> tuple[Tensor, dict]:
                 tv = train_vector(base, btrain, bval, layer, settings, thinking=thinking, progress=progress,
                                   desc="bias", log=logger(BIAS))
-                vectors[BIAS] = tv.vector
-                records[BIAS] = {"latent": None, "title": "bias", **record(tv, len(btrain), len(bval))}
-                checkpoint(BIAS, st, tv.vector, records[BIAS])
+                return tv.vector, {"latent": None, "title": "bias", **record(tv, len(btrain), len(bval))}
+
+            records[BIAS] = resume_or_train(BIAS, stamp(BIAS, "bias", btrain, bval), train_bias_vector)
             records_bias_skip = None
             rb = records[BIAS]
             table_rows.append([BIAS, None, "bias", rb["norm"], len(btrain), len(bval), rb["val_loss_before"],
