@@ -163,6 +163,7 @@ def extract_activations(lm: LoadedModel, traces: Sequence[dict], layers: Sequenc
     run on `sort_window` shards at a time, their traces sorted by token length into batches of `batch_size` (less
     padding: traces of a thinking model vary several-fold in length); a crash loses at most one window."""
     folder = Path(folder)
+    _refuse_old_format(folder)
     if is_complete(folder):
         return folder
     if sort_window < 1:
@@ -223,11 +224,20 @@ def _write_shard(folder: Path, b: int, layers: Sequence[int], per_trace: Sequenc
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def _refuse_old_format(folder: Path) -> None:
+    """One clear line for a folder written by an older version (format 1: one file per layer and shard)."""
+    meta_format = read_meta(folder).get("format", 1) if is_complete(folder) else None
+    if meta_format not in (None, FORMAT) or any(folder.glob("layer_*/shard-*.safetensors")):
+        raise DataError(f"{folder} holds activations in an older layout (format {meta_format or 1}, one file per "
+                        f"layer); this version reads format {FORMAT}: delete the folder (train.py recomputes it)")
+
+
 class ActivationStore:
     """Read access to an activation folder: the sentence index and per-layer tensors (shard by shard)."""
 
     def __init__(self, folder: str | Path, require_complete: bool = True):
         self.folder = Path(folder)
+        _refuse_old_format(self.folder)
         if require_complete and not is_complete(self.folder):
             raise DataError(f"{self.folder} is not a complete activation folder (no meta.json): rerun train.py "
                             "to finish it")

@@ -74,6 +74,14 @@ def test_activations_match_hidden_states(stories, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["index", "meta.json", "shards"] and store.meta["format"] == 2
     with safe_open(str(shards[0]), framework="pt") as fh:
         assert sorted(fh.keys()) == [f"layer_{layer}" for layer in layers]
+    # a folder in the old layout (format 1: a file per layer and shard) is refused with one line, not misread
+    old = tmp_path / "old"
+    (old / "layer_0").mkdir(parents=True)
+    (old / "layer_0" / "shard-00000.safetensors").write_bytes((shards[0]).read_bytes())
+    for call in (lambda: ActivationStore(old, require_complete=False),
+                 lambda: extract_activations(stories, traces, layers, old, progress=False)):
+        with pytest.raises(DataError, match="older layout"):
+            call()
 
 
 def test_length_sorted_windows_keep_shard_order_and_values(stories, tmp_path):
