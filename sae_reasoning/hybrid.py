@@ -130,25 +130,25 @@ and stats equal the per-token path's (tested); only the float rounding of the th
 tokens at once differs.
 
 Speculative steps (``speculative``: "off", the default, "single_row" or "always"; with lazy thinking and
-``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole next sentence to name the
-behavior. That draft is also a guess of what the base will write, so the base, steered with the sentence's delta,
-is fed its last token followed by the draft's tokens in ONE forward, and emits its greedy token after each position
-while the previous one equalled the draft's (the first differing token, the base's own, is emitted too) and the
-sentence stays the same (a new or retracted cut would change the delta: the step ends there). These are exactly the
-tokens one-token steps would emit: each is predicted from the same prefix with the same delta at every position.
-The stats are tallied per token as one-token steps would (the thinking greedy token after an accepted draft token
-is the draft's next one). Rows of a batch accept different numbers of tokens, and rows that do not start a sentence
-feed one token: the unused positions stay in the base cache as masked holes (the thinking cache gets holes the same
-way when its rows catch up on different numbers of tokens); position ids count real tokens only. On the organism
-about a third of the emitted tokens come from accepted drafts (mean 3.2 tokens a verified step at batch 1).
-When it pays: a batch takes as many steps as its slowest row, so accepted tokens shorten a batch only where every
-row accepts, while a verify forward runs 1 + (longest draft) positions for EVERY row (on a CPU each position costs
-about what it costs in a one-token forward). "single_row" therefore verifies only while one row is decoding (batch
-1, or the last row of a batch); "always" verifies at every sentence start. Measured on the organism with the demo's
-SAE and vectors (CPU, one thread): 48 test problems generated to their end, batch 1, 6 rounds: 223 tokens/s with
-lazy thinking, 244 with "single_row" (+9%); batch 16 (32 problems): 734 lazy, 551 with "always". But in the
-benchmark's fixed-length runs (512 tokens, eos masked: the text after the answer is out of distribution and its
-drafts are long and rejected) "single_row" cost 10% at batch 1 (191 against 212 tokens/s). Hence off by default
+``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
+next sentence to name the behavior. That draft is also a guess of what the base will write, so the base, steered
+with the sentence's delta, is fed its last token followed by the draft's tokens in ONE forward, and emits its greedy
+token after each position while the previous one equalled the draft's (the first differing token, the base's own, is
+emitted too) and the sentence stays the same (a new or retracted cut would change the delta: the step ends there).
+These are exactly the tokens one-token steps would emit: each is predicted from the same prefix with the same delta
+at every position. The stats are tallied per token as one-token steps would (the thinking greedy token after an
+accepted draft token is the draft's next one). Rows of a batch accept different numbers of tokens, and rows that do
+not start a sentence feed one token: the unused positions stay in the base cache as masked holes (the thinking cache
+gets holes the same way when its rows catch up on different numbers of tokens); position ids count real tokens only.
+On the organism about a third of the emitted tokens come from accepted drafts (mean 3.2 tokens a verified step at
+batch 1). When it pays: a batch takes as many steps as its slowest row, so accepted tokens shorten a batch only
+where every row accepts, while a verify forward runs 1 + (longest draft) positions for EVERY row (on a CPU each
+position costs about what it costs in a one-token forward). "single_row" therefore verifies only while one row is
+decoding (batch 1, or the last row of a batch); "always" verifies at every sentence start. Measured on the organism
+with the demo's SAE and vectors (CPU, one thread): 48 test problems generated to their end, batch 1, 6 rounds: 223
+tokens/s with lazy thinking, 244 with "single_row" (+9%); batch 16 (32 problems): 734 lazy, 551 with "always". But
+in the benchmark's fixed-length runs (512 tokens, eos masked: the text after the answer is out of distribution and
+its drafts are long and rejected) "single_row" cost 10% at batch 1 (191 against 212 tokens/s). Hence off by default
 on a CPU; on a GPU, where a step costs its launches more than its positions, it should pay, but it was not measured
 there.
 """
@@ -632,32 +632,45 @@ class HybridGenerator:
         neither ends nor runs out of budget: exactly the tokens one-token steps would emit, since each of them is
         predicted from the same prefix with the same delta. Each emitted token is tallied as a one-token step
         (its thinking greedy token: the draft's next one). Returns how many were emitted (>= 1)."""
-        c = r.counts
         for j in range(len(cand) + 1):
             tok = greedy_b[a][j]
-            r.n_steps += 1
-            c["steered"] += steered
-            c["bias"] += bias
-            if steered:
-                r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
-            if greedy_u is not None:
-                u = greedy_u[a][j]
-                c["changed"] += tok != u
-                if j == 0 and not g_known:
-                    r.pending_u.append((len(r.pend), u))
-                else:
-                    g = g_l[a] if j == 0 else (cand[j] if j < len(cand) else g_after)
-                    c["disagree"] += g is not None and u != g
-            c["conflicting"] += tok in self.conflicts
-            r.pend.append(tok)
-            if tok in self.eos_ids:
-                r.finished = True
+            g = g_l[a] if j == 0 else (cand[j] if j < len(cand) else g_after)
+            self._tally(r, tok, steered, bias, None if greedy_u is None else greedy_u[a][j], g, j == 0 and not g_known)
+            if self._append(r, tok, lazy=True):
                 return j + 1
-            r.stream.append(tok)
             if (r.n_steps >= self.settings.max_new_tokens or j == len(cand) or tok != cand[j]
                     or r.stream.current()[0] != cut):
                 return j + 1
         raise AssertionError("unreachable: the last position always stops")
+
+    def _tally(self, r: _Row, tok: int, steered: bool, bias: bool, u: int | None, g: int | None,
+               g_pending: bool) -> None:
+        """The per-token stats of one emitted token `tok` (one-token and speculative steps alike): `u` the
+        unsteered base's greedy token (None: not tracked), `g` the thinking model's, or `g_pending` when the
+        thinking model has not read the prefix yet (lazy thinking: settled by the next catch-up)."""
+        c = r.counts
+        r.n_steps += 1
+        c["steered"] += steered
+        c["bias"] += bias
+        if steered:
+            r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
+        if u is not None:
+            c["changed"] += tok != u
+            if g_pending:
+                r.pending_u.append((len(r.pend), u))
+            else:
+                c["disagree"] += g is not None and u != g
+        c["conflicting"] += tok in self.conflicts
+
+    def _append(self, r: _Row, tok: int, lazy: bool) -> bool:
+        """Add emitted `tok` to row `r` (its sentence stream; lazy thinking: its tokens to read); True on eos."""
+        if lazy:
+            r.pend.append(tok)
+        if tok in self.eos_ids:
+            r.finished = True
+            return True
+        r.stream.append(tok)
+        return False
 
     def _forward(self, lm: LoadedModel, mode: str, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any,
                  logits_to_keep: int = 0) -> Tensor | None:
@@ -1027,22 +1040,12 @@ class HybridGenerator:
                         n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
                                                              g_known[a], st_l[a], bias_l[a], state[a][0]))
                         continue
+                    self._tally(r, e_l[a], st_l[a], bias_l[a], None if u_l is None else u_l[a], g_l[a],
+                                not g_known[a])
                     c = r.counts
-                    r.n_steps += 1
-                    c["steered"] += st_l[a]
-                    c["bias"] += bias_l[a]
-                    if st_l[a]:
-                        r.behavior_counts[r.behavior] = r.behavior_counts.get(r.behavior, 0) + 1
-                    if u_l is not None:
-                        c["changed"] += e_l[a] != u_l[a]
-                        if not g_known[a]:
-                            r.pending_u.append((len(r.pend), u_l[a]))
-                        else:
-                            c["disagree"] += g_l[a] is not None and u_l[a] != g_l[a]
                     c["substituted"] += sub_l[a]
                     if candidate or s.control == "unsteered_rerank":
                         c["reranked"] += ch_l[a] != 0
-                    c["conflicting"] += e_l[a] in self.conflicts
                     if record:
                         rec = r.record
                         k = ch_l[a] if candidate else 0
@@ -1059,12 +1062,7 @@ class HybridGenerator:
                         rec["thinking_greedy"].append(g_l[a])
                         rec["base_greedy"].append(None if u_l is None else u_l[a])
                         rec["emitted"].append(e_l[a])
-                    if lazy:
-                        r.pend.append(e_l[a])
-                    if e_l[a] in self.eos_ids:
-                        r.finished = True
-                    else:
-                        r.stream.append(e_l[a])
+                    self._append(r, e_l[a], lazy)
                 if L:  # keep each row's fed positions whose predictions were emitted; the rest become holes
                     n_t = torch.tensor(n_emitted, device=bdev).repeat_interleave(S)
                     bmask = torch.cat([bmask, (torch.arange(1 + L, device=bdev)[None] < n_t[:, None]).to(bmask.dtype)],

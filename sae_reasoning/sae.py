@@ -381,9 +381,13 @@ class _Stack:
         per_row = lr[self.seg]
         return [per_row.view(-1, 1), per_row, per_row.view(-1, 1), lr.view(-1, 1)]
 
+    def _rows(self, s: int) -> Tensor:
+        """The latent rows of SAE `s`."""
+        return self.pad_map[s, : int(self.n[s])]
+
     def keep_rows(self, keep: Tensor) -> list[Tensor]:
         """For SAEs `keep` (indices into S): the rows of each parameter (and of its optimiser state) to keep."""
-        rows = torch.cat([self.pad_map[s, : int(self.n[s])] for s in keep.tolist()])
+        rows = torch.cat([self._rows(s) for s in keep.tolist()])
         return [rows, rows, rows, keep.to(self.W_dec.device)]
 
     def select(self, keep: Tensor) -> "_Stack":
@@ -393,7 +397,7 @@ class _Stack:
                       n=self.n[keep.cpu()], k=self.k[keep.cpu()], lr=self.lr[keep.cpu()])
 
     def unstack(self, s: int) -> dict[str, Tensor]:
-        rows = self.pad_map[s, : int(self.n[s])]
+        rows = self._rows(s)
         out = {"W_enc": self.W_enc_t[rows].T, "b_enc": self.b_enc[rows], "W_dec": self.W_dec[rows],
                "b_dec": self.b_dec[s]}
         return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in out.items()}
