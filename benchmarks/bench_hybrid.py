@@ -132,6 +132,41 @@ def base_cached_loop(base, prompts, n: int) -> list[list[int]]:
     return torch.stack(out, 1).tolist()
 
 
+@torch.inference_mode()
+def base_cached_loop_lengths(base, prompts, lengths: list[int], batch: int) -> list[list[int]]:
+    """The cached loop with a length per problem: row i generates lengths[i] tokens (the caller masks eos) and then
+    leaves the batch (cache included), as the hybrid's rows leave at their eos; `batch` problems at a time."""
+    from transformers import DynamicCache
+
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        chunk, want = prompts[start:start + batch], lengths[start:start + batch]
+        ids, mask = left_pad(chunk, pad_id(base), base.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=base.model.config)
+        logits = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits
+        rows, gen, pos = list(range(len(chunk))), [[] for _ in chunk], pos[:, -1:]
+        tok = logits[:, -1].argmax(-1)
+        while True:
+            for a, t in enumerate(tok.tolist()):
+                gen[rows[a]].append(t)
+            keep = [a for a, i in enumerate(rows) if len(gen[i]) < want[i]]
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                sel = torch.tensor(keep, device=base.device)
+                cache.batch_select_indices(sel)
+                mask, pos, tok, rows = mask[sel], pos[sel], tok[sel], [rows[a] for a in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            pos = pos + 1
+            logits = base.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True).logits
+            tok = logits[:, -1].argmax(-1)
+        out += gen
+    return out
+
+
 def hybrid_run(gen, base_ids, think_ids) -> list[dict]:
     return gen.generate_ids(base_ids, think_ids, progress=False)
 
@@ -265,6 +300,10 @@ def main() -> None:
                         "outputs/demo/train,outputs/demo/steer after `make demo` (organism only); default: a random "
                         "SAE and random unit vectors. Lazy thinking and speculative steps make the hybrid's cost "
                         "depend on what it decides and writes, so trained artifacts give the realistic figure")
+    p.add_argument("--natural", action="store_true",
+                   help="also time every method run to each problem's own end (eos not masked), as eval.py runs "
+                        "it: tokens/s over the same problems (informational; the targets use the fixed lengths)")
+    p.add_argument("--natural-problems", type=int, default=None, help="problems for --natural (default 32)")
     p.add_argument("--coefficient", type=float, default=None,
                    help="hybrid.coefficient (default 1 with random vectors; 0.25, the demo's, with --artifacts)")
     args = p.parse_args()
@@ -426,6 +465,44 @@ def main() -> None:
             live["predicted_s"] = sum(interp(cost_rows, "disagree_s" if d else "agree_s", t)
                                       for t, d in enumerate(live["disagree"]))
 
+    # ---- natural lengths: every method runs each problem to its own eos (no masking), as eval.py does
+    natural_rows = []
+    if args.natural:
+        n_nat = args.natural_problems or (4 if args.quick else 32)
+        nat = make_splits(0, n_train=1000)["test"][:n_nat]
+        nat_pairs = [mk().prompts(pr.question) for pr in nat]
+        nbp, ntp = [pr[0] for pr in nat_pairs], [pr[1] for pr in nat_pairs]
+        for b in batches:
+            gens = {"hybrid_sentence": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b),
+                    "hybrid_token": mk(granularity="token", max_new_tokens=n_max, batch_size=b),
+                    "hybrid_sentence_speculative_single_row": mk(granularity="sentence", max_new_tokens=n_max,
+                                                                 batch_size=b, speculative="single_row"),
+                    "diag_hybrid_sentence_untracked": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b,
+                                                         track_unsteered=False)}
+            # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
+            # masked), its row leaving the batch when done. Every count is of decode steps (eos step included).
+            lengths = [r["n_steps"] for r in hybrid_run(gens["hybrid_sentence"], nbp, ntp)]
+
+            def base_same_lengths(b=b, lengths=lengths):
+                with no_eos(base):
+                    return base_cached_loop_lengths(base, nbp, lengths, b)
+
+            fns = {"base_cached_loop_same_lengths": base_same_lengths}
+            for key, gen in gens.items():
+                fns[key] = (lambda gen=gen: hybrid_run(gen, nbp, ntp))
+            C.log(f" natural lengths: {n_nat} problems, batch={b}")
+            times, results = C.interleaved(fns, repeats, device, warmup=True)
+            med = {k: C.median(v) for k, v in times.items()}
+            counts = {"base_cached_loop_same_lengths": sum(len(x) for x in results["base_cached_loop_same_lengths"])}
+            counts.update({k: sum(r["n_steps"] for r in results[k]) for k in gens})
+            tps = {k: counts[k] / med[k] for k in med}
+            natural_rows.append({
+                "batch": b, "problems": n_nat, "max_new_tokens": n_max, "tokens_generated": counts,
+                "seconds": {k: {"median": med[k], "all": v} for k, v in times.items()}, "tokens_per_s": tps,
+                "hybrid_over_base": {k: tps[k] / tps["base_cached_loop_same_lengths"] for k in gens},
+                "mean_tokens_per_problem": {k: counts[k] / n_nat for k in counts}})
+            C.log("   tokens/s " + ", ".join(f"{k} {v:.0f}" for k, v in tps.items()))
+
     # ---- figures
     result = C.header("hybrid", args, device)
     for row in settings_rows:
@@ -460,6 +537,7 @@ def main() -> None:
                                               "summed over the N steps; batch 16 = 16 problems one after another"},
                   "timing": "interleaved rounds (after a short 8-token warm-up of every method); medians"},
         "settings": settings_rows,
+        "natural_lengths": natural_rows,
         "reference_step_costs": cost_rows,
         "reference_live_check": live,
         "targets": {

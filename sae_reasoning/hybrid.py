@@ -129,6 +129,14 @@ fewer leave masked holes (below). Tokens, decisions
 and stats equal the per-token path's (tested); only the float rounding of the thinking model's forward over several
 tokens at once differs.
 
+Draft reuse (with lazy thinking and sentence drafts, plain caches): a row that decodes alone (batch 1, or the last
+row of a batch) drafts in the thinking cache itself instead of a copy, and the draft stays there. At the next
+catch-up the tokens the base emitted are compared with the draft's: the entries of their longest common prefix are
+kept (their block-``sae_layer`` outputs and greedy tokens are the draft's, computed on the same prefix), the rest of
+the draft is cropped, and only the emitted tokens after the prefix are read. Where the base wrote the whole draft
+(on the organism about half the sentences at natural ends) no catch-up forward runs at all. With several rows the
+drafts still run on a copy: their lengths differ, so one row's leftover draft could not be cropped alone.
+
 Speculative steps (``speculative``: "off", the default, "single_row" or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
 next sentence to name the behavior. That draft is also a guess of what the base will write, so the base, steered
@@ -226,6 +234,7 @@ class HybridSettings(HybridConfig):
     rerank_top_c: int | None = None  # unsteered_rerank: candidates per step (default: candidate-mode count)
     bias_always: bool = True  # bias at every step (True) or only together with a behavior vector
     track_unsteered: bool = True  # keep the unsteered base cache for changed_fraction / disagreement_rate
+    draft_reuse: bool = True  # tests/diagnostics: a lone row's catch-up keeps the draft entries it emitted
     progress: bool = True
 
     @classmethod
@@ -419,6 +428,7 @@ class _Row:
     behavior_counts: dict[int, int] = field(default_factory=dict)
     pend: list[int] = field(default_factory=list)  # lazy thinking: tokens emitted since the thinking model read
     pending_u: list[tuple[int, int]] = field(default_factory=list)  # (index in pend, unsteered greedy token)
+    trail: dict | None = None  # draft reuse: the draft left in the thinking cache (`_draft_sentence`'s trail)
     vectors: Tensor | None = None  # random_vectors control: this problem's own vectors [n_latents, d]
     record: dict[str, list] = field(default_factory=lambda: dict(step_logits=[], unsteered_logits=[],
                                                                 candidate_logits=[], pooled=[], behavior=[],
@@ -686,7 +696,7 @@ class HybridGenerator:
 
     def _draft_sentence(self, first: Tensor, tmask: Tensor, tpos: Tensor, tcache: Any, rows: Tensor | None,
                         max_tokens: int | None = None, eos_ids: set[int] | None = None,
-                        seqs: list[list[int]] | None = None) -> Tensor:
+                        seqs: list[list[int]] | None = None, trail: list[dict] | None = None) -> Tensor:
         """Mean block-`sae_layer` output over the thinking model's greedy draft of its next sentence, [A, d].
 
         Starting from `first` (its greedy next token), the thinking model writes on greedily until its own sentence
@@ -700,6 +710,9 @@ class HybridGenerator:
         ``eos_ids`` (default the base's, which is the thinking model's with one shared vocabulary) end a draft.
         ``seqs`` (a list) receives each row's drafted tokens (those it was fed until its draft ended) followed by
         the thinking model's greedy token after them (speculative verification).
+        ``trail`` (a list; with ``rows=None``, whose cache then keeps the draft) receives per row its fed tokens
+        (``fed``), their block-`sae_layer` outputs (``h``, [n, d]) and the greedy token after each (``after``):
+        what a later catch-up needs to reuse the draft's cache entries (`_run_batch`, *draft reuse*).
         """
         A = first.shape[0]
         eos_ids = self.eos_ids if eos_ids is None else eos_ids
@@ -711,7 +724,10 @@ class HybridGenerator:
         hs: list[list[Tensor]] = [[] for _ in range(A)]
         pooled: list[Tensor | None] = [None] * A
         fed: list[list[int]] = [[] for _ in range(A)]
+        fed_h: list[list[Tensor]] = [[] for _ in range(A)]
+        after: list[list[int]] = [[] for _ in range(A)]
         nxt: list[int] = [0] * A
+        keep_trail = trail is not None
         tok, mask = first, tmask
         for i in range(self.settings.draft_max_tokens if max_tokens is None else max_tokens):
             mask = torch.cat([mask, mask.new_ones(A, 1)], 1)
@@ -720,13 +736,16 @@ class HybridGenerator:
                                    logits_to_keep=1)
             h = self._captured.float()  # [A, d]
             greedy = logits[:, -1].argmax(-1)
-            greedy_l = greedy.tolist() if seqs is not None else None
+            greedy_l = greedy.tolist() if seqs is not None or keep_trail else None
             for a, t in enumerate(tok.tolist()):
                 if pooled[a] is not None:
                     continue
-                if seqs is not None:
+                if seqs is not None or keep_trail:
                     fed[a].append(t)
                     nxt[a] = greedy_l[a]
+                if keep_trail:
+                    fed_h[a].append(h[a])
+                    after[a].append(greedy_l[a])
                 if t in eos_ids:
                     pooled[a] = torch.stack(hs[a]).mean(0) if hs[a] else h[a]
                     continue
@@ -742,6 +761,8 @@ class HybridGenerator:
             tok = greedy
         if seqs is not None:
             seqs.extend(f + [n] for f, n in zip(fed, nxt))
+        if keep_trail:
+            trail.extend(dict(fed=f, h=torch.stack(x), after=g) for f, x, g in zip(fed, fed_h, after))
         return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
 
     def _pool_retokenized(self, prompts: list[list[int]], texts: list[str], cuts: list[int]
@@ -800,7 +821,9 @@ class HybridGenerator:
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
                    schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
-        from sae_reasoning.kv_cache import growing_cache
+        from transformers.cache_utils import DynamicLayer
+
+        from sae_reasoning.kv_cache import GrowingLayer, growing_cache
 
         s = self.settings
         bdev, tdev = self.base.device, self.thinking.device
@@ -827,6 +850,7 @@ class HybridGenerator:
         lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
                 and s.control not in ("oracle", "unsteered_rerank"))
         spec = lazy and s.speculative != "off" and s.draft == "sentence" and schedule is None
+        reuse = lazy and s.draft_reuse and s.draft == "sentence"  # (catch_up) for plain caches: crop is exact
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -846,6 +870,7 @@ class HybridGenerator:
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache = growing_cache(self.thinking.model.config)
+                reuse = reuse and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -856,27 +881,55 @@ class HybridGenerator:
             def catch_up() -> None:
                 """Lazy thinking: every row reads its pending tokens (`_Row.pend`) in one forward; rows with fewer
                 (speculative steps emit several tokens) are padded with masked positions, which stay in the cache as
-                holes. Settles the disagreement stat of the tokens whose thinking greedy token was not known yet."""
+                holes. Settles the disagreement stat of the tokens whose thinking greedy token was not known yet.
+                Draft reuse: a row whose draft was left in the cache (`_Row.trail`) keeps the entries of the
+                draft's tokens that it then emitted (the longest common prefix; their outputs and greedy tokens
+                are the draft's) and reads only the rest; with nothing left to read no forward runs at all."""
                 nonlocal tmask, tpos, tlogits
-                n_new = [len(rows[i].pend) for i in active]
-                p = max(n_new)
-                ids, chunk = self._right_pad([rows[i].pend for i in active], p, self.pad_id, tdev)
-                tmask = torch.cat([tmask, chunk], 1)
-                self._captured = None
-                logits = self._forward(self.thinking, "prefix", ids, tmask,
-                                       tpos[:, None] + torch.arange(p, device=tdev), tcache).float()
-                hidden = self._captured.to(H.dtype)
-                n_t = torch.tensor(n_new, device=tdev)
-                last = logits[torch.arange(len(active), device=tdev), (n_t - 1).clamp(min=0)]
-                tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
-                tpos = tpos + n_t
-                greedy = logits.argmax(-1).tolist()  # [a][j]: the thinking greedy token after the row's j-th token
-                for a, (i, n, o) in enumerate(zip(active, n_new, orig.tolist())):
+                reused = [0] * len(active)
+                for a, i in enumerate(active):
                     r = rows[i]
+                    if r.trail is not None:
+                        fed, m = r.trail["fed"], 0
+                        while m < min(len(fed), len(r.pend)) and fed[m] == r.pend[m]:
+                            m += 1
+                        if len(fed) > m:  # only a lone row drafts in place, so the whole cache is its own
+                            for layer in tcache.layers:
+                                layer.crop(-(len(fed) - m))
+                        reused[a] = m
+                if any(reused):
+                    m_t = torch.tensor(reused, device=tdev)
+                    tmask = torch.cat([tmask, tmask.new_ones(len(active), max(reused))], 1)
+                    tpos = tpos + m_t
+                n_new = [len(rows[i].pend) - m for i, m in zip(active, reused)]
+                p = max(n_new)
+                greedy = [[] for _ in active]  # [a][j]: the thinking greedy token after the row's j-th unread token
+                if p:
+                    ids, chunk = self._right_pad([rows[i].pend[m:] for i, m in zip(active, reused)], p, self.pad_id,
+                                                 tdev)
+                    tmask = torch.cat([tmask, chunk], 1)
+                    self._captured = None
+                    logits = self._forward(self.thinking, "prefix", ids, tmask,
+                                           tpos[:, None] + torch.arange(p, device=tdev), tcache).float()
+                    hidden = self._captured.to(H.dtype)
+                    n_t = torch.tensor(n_new, device=tdev)
+                    last = logits[torch.arange(len(active), device=tdev), (n_t - 1).clamp(min=0)]
+                    tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
+                    tpos = tpos + n_t
+                    greedy = logits.argmax(-1).tolist()
+                for a, (i, n, m, o) in enumerate(zip(active, n_new, reused, orig.tolist())):
+                    r = rows[i]
+                    after = (r.trail["after"][:m] if m else []) + greedy[a][:n]
+                    start = r.n_steps - n - m
+                    if m:
+                        H[o, start: start + m] = r.trail["h"][:m].to(H.dtype)
+                        if not n:  # nothing read: the greedy token after the last reused one is the draft's
+                            tlogits[a] = float("-inf")
+                            tlogits[a, after[-1]] = 0.0
                     if n:
-                        H[o, r.n_steps - n: r.n_steps] = hidden[a, :n]
-                    r.counts["disagree"] += sum(u_ != greedy[a][j - 1] for j, u_ in r.pending_u)
-                    r.pend, r.pending_u = [], []
+                        H[o, start + m: r.n_steps] = hidden[a, :n]
+                    r.counts["disagree"] += sum(u_ != after[j - 1] for j, u_ in r.pending_u)
+                    r.pend, r.pending_u, r.trail = [], [], None
 
             for step in range(s.max_new_tokens):
                 A = len(active)
@@ -885,7 +938,7 @@ class HybridGenerator:
                 state = [r.stream.current() for r in arows]
                 need = [self.decides and (s.granularity == "token" or cut not in r.decided)
                         for r, (cut, _, _) in zip(arows, state)]
-                if lazy and any(need) and any(r.pend for r in arows):
+                if lazy and any(need) and any(r.pend or r.trail for r in arows):
                     catch_up()
                 g_known = [not r.pend for r in arows]  # lazy: this step's thinking greedy token known once caught up
                 tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
@@ -910,7 +963,13 @@ class HybridGenerator:
                         sel = torch.tensor(rows_d, device=tdev)
                         draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
                         seqs: list[list[int]] | None = [] if verify else None
-                        draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel, seqs=seqs)
+                        if reuse and A == 1:  # a lone row drafts in place; the next catch-up keeps what it emits
+                            trail: list[dict] = []
+                            draft_h = self._draft_sentence(g, tmask, tpos, tcache, None, seqs=seqs, trail=trail)
+                            arows[0].trail = trail[0]
+                        else:
+                            draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel,
+                                                                seqs=seqs)
                         for a, seq in zip(rows_d, seqs or []):
                             room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
                             cands[a] = seq[:-1][:room]

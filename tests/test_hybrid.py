@@ -524,6 +524,40 @@ def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vect
     assert any(r["changed_fraction"] > 0 for r in out["per_token"])  # the steering still acts
 
 
+def test_draft_reuse_at_batch_one_equals_one_token_steps(lm, lm2, sae, vectors):
+    """A lone row drafts in the thinking cache itself; the next catch-up keeps the entries of the draft tokens the
+    base then emitted (their outputs and greedy tokens are the draft's) and reads only the rest. Same tokens,
+    decisions and stats as one-token steps, with and without speculative steps, and fewer thinking positions read
+    than without the reuse (and no more forwards)."""
+    vecs, bias = vectors
+    mid = {k: v / 3 for k, v in vecs.items()}  # the steered base sometimes writes the draft, sometimes not
+    out, n = {}, {}
+    modes = {"per_token": dict(lazy_thinking=False), "no_reuse": dict(draft_reuse=False), "reuse": {},
+             "reuse_speculative": dict(speculative="single_row"),
+             "no_reuse_speculative": dict(speculative="single_row", draft_reuse=False)}
+    for name, kw in modes.items():
+        hyb = make(lm2, lm, sae, mid, bias / 3, threshold=-1e9, max_new_tokens=60, batch_size=1, **kw)
+        pairs = [hyb.prompts(q) for q in QUESTIONS]
+        n[name] = {"calls": 0, "positions": 0}
+
+        def count(_m, args, kwargs, c=n[name]):
+            c["calls"] += 1
+            c["positions"] += int(kwargs["input_ids"].numel())
+        hook = lm2.model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            out[name] = hyb.generate_ids([b for b, _ in pairs], [t for _, t in pairs])
+        finally:
+            hook.remove()
+    for name in modes:
+        assert out[name] == out["per_token"], name
+    for on, off in (("reuse", "no_reuse"), ("reuse_speculative", "no_reuse_speculative")):
+        assert n[on]["positions"] < n[off]["positions"] and n[on]["calls"] <= n[off]["calls"], n
+    # the steered base departs from the draft on some tokens (partial reuse) and writes whole drafts elsewhere
+    # (a catch-up with nothing left to read: fewer forwards)
+    assert all(0 < r["changed_fraction"] < 0.5 and r["disagreement_rate"] > 0 for r in out["per_token"])
+    assert n["reuse"]["calls"] < n["no_reuse"]["calls"], n
+
+
 def test_mismatched_tokenizers_refused(lm, lm2, tmp_path, sae):
     other = tmp_path / "other"
     shutil.copytree(lm.source, other)
