@@ -17,7 +17,8 @@ a hook on the LM head, for every method alike, so no row stops early):
   With ``--artifacts TRAIN_DIR,STEER_DIR`` (e.g. the demo's) the trained SAE, its layer, the steering vectors and
   their layer replace the random ones (coefficient 0.25, the demo's): lazy thinking and speculative steps make the
   cost depend on where sentences end and on how much of each draft the steered base accepts.
-  Diagnostics (not used for the targets): ``diag_hybrid_sentence_speculative`` (`speculative="single_row"`),
+  Diagnostics (not used for the targets): ``diag_hybrid_sentence_no_speculative`` (`speculative="off"`, the default
+  before session 6),
   ``diag_hybrid_sentence_per_token_thinking`` (`lazy_thinking=False`: the thinking model reads every token as it is
   emitted, the code of sessions 1-4), ``diag_hybrid_sentence_untracked`` (`track_unsteered=False`) and
   ``diag_hybrid_sentence_draft_token`` (`draft="token"`: at a sentence start the thinking model drafts one token
@@ -36,6 +37,12 @@ a hook on the LM head, for every method alike, so no row stops early):
   disagreement (3 full forwards) and with (53), interpolated linearly in the prefix length, and summed over the
   N steps with the disagreement rate p measured by the hybrid on the same problems (bounds for p = 0 and 1 are
   reported too). A few live reference steps from the prompt check the model of its cost (measured vs predicted).
+
+With ``--natural`` the same generators also run 32 test problems to their own end (eos not masked), as eval.py
+runs them, against base-only doing the same work: each problem as many decode steps as the hybrid took on it (its
+eos masked), each row leaving the batch when done (``base_cached_loop_same_lengths``). Informational: the
+organism's text past the answer is out of distribution, so the fixed-length runs undersell what lazy thinking,
+draft reuse and speculative steps save where the thinking model's drafts are written as drafted.
 Targets (at 512 tokens, every batch size and mode): hybrid >= 0.45 x base-only; hybrid >= 100 x reference.
 """
 
@@ -392,8 +399,8 @@ def main() -> None:
                         gens["diag_hybrid_sentence_draft_token"] = mk(granularity="sentence", max_new_tokens=n,
                                                                       batch_size=b, draft="token")
                     if "speculative" in HybridSettings.__dataclass_fields__:
-                        gens["diag_hybrid_sentence_speculative"] = mk(granularity="sentence", max_new_tokens=n,
-                                                                      batch_size=b, speculative="single_row")
+                        gens["diag_hybrid_sentence_no_speculative"] = mk(granularity="sentence", max_new_tokens=n,
+                                                                         batch_size=b, speculative="off")
                         gens["diag_hybrid_sentence_per_token_thinking"] = mk(
                             granularity="sentence", max_new_tokens=n, batch_size=b, lazy_thinking=False)
                 fns = {"base_hf_generate": lambda: base_hf_generate(base, bp, n),
@@ -475,8 +482,8 @@ def main() -> None:
         for b in batches:
             gens = {"hybrid_sentence": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b),
                     "hybrid_token": mk(granularity="token", max_new_tokens=n_max, batch_size=b),
-                    "hybrid_sentence_speculative_single_row": mk(granularity="sentence", max_new_tokens=n_max,
-                                                                 batch_size=b, speculative="single_row"),
+                    "diag_hybrid_sentence_no_speculative": mk(granularity="sentence", max_new_tokens=n_max,
+                                                              batch_size=b, speculative="off"),
                     "diag_hybrid_sentence_untracked": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b,
                                                          track_unsteered=False)}
             # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
@@ -526,8 +533,8 @@ def main() -> None:
                   "tokens": tokens, "batches": batches, "repeats": repeats,
                   "eos": "masked to -inf in both models for every method (fixed-length generations)",
                   "hybrid_settings": f"defaults (plain mode, coefficient {coefficient}, bias always, "
-                                     "track_unsteered=True, draft='sentence', lazy thinking where the module "
-                                     "has it)",
+                                     "track_unsteered=True, draft='sentence', lazy thinking, draft reuse and "
+                                     "speculative='single_row' where the module has them)",
                   "artifacts": artifacts,
                   "reference": {"coefficients": REF_COEFFICIENTS, "windows": REF_WINDOWS,
                                 "forwards_per_token": {"agree": 3,

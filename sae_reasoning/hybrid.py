@@ -137,7 +137,7 @@ the draft is cropped, and only the emitted tokens after the prefix are read. Whe
 (on the organism about half the sentences at natural ends) no catch-up forward runs at all. With several rows the
 drafts still run on a copy: their lengths differ, so one row's leftover draft could not be cropped alone.
 
-Speculative steps (``speculative``: "off", the default, "single_row" or "always"; with lazy thinking and
+Speculative steps (``speculative``: "off", "single_row", the default, or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
 next sentence to name the behavior. That draft is also a guess of what the base will write, so the base, steered
 with the sentence's delta, is fed its last token followed by the draft's tokens in ONE forward, and emits its greedy
@@ -153,12 +153,13 @@ batch 1). When it pays: a batch takes as many steps as its slowest row, so accep
 where every row accepts, while a verify forward runs 1 + (longest draft) positions for EVERY row (on a CPU each
 position costs about what it costs in a one-token forward). "single_row" therefore verifies only while one row is
 decoding (batch 1, or the last row of a batch); "always" verifies at every sentence start. Measured on the organism
-with the demo's SAE and vectors (CPU, one thread): 48 test problems generated to their end, batch 1, 6 rounds: 223
-tokens/s with lazy thinking, 244 with "single_row" (+9%); batch 16 (32 problems): 734 lazy, 551 with "always". But
-in the benchmark's fixed-length runs (512 tokens, eos masked: the text after the answer is out of distribution and
-its drafts are long and rejected) "single_row" cost 10% at batch 1 (191 against 212 tokens/s). Hence off by default
-on a CPU; on a GPU, where a step costs its launches more than its positions, it should pay, but it was not measured
-there.
+with the demo's SAE and vectors (CPU, one thread, ``bench_hybrid.py --natural``): 32 test problems generated to their
+end, batch 1: 334 tokens/s without, 440 with "single_row" (0.40x and 0.53x base-only on the same lengths); batch 16
+(the last rows only): 954 and 965; "always" at batch 16 cost 25% in session 5 (734 against 551). In the benchmark's
+fixed-length runs (512 tokens, eos masked: the text after the answer is out of distribution and most drafts are
+rejected at their first token) "single_row" cost 5% at batch 1 (292 against 306 tokens/s). Hence "single_row" by
+default; on a GPU, where a step costs its launches more than its positions, it should pay more, but it was not
+measured there.
 """
 
 from __future__ import annotations

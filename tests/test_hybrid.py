@@ -532,8 +532,8 @@ def test_draft_reuse_at_batch_one_equals_one_token_steps(lm, lm2, sae, vectors):
     vecs, bias = vectors
     mid = {k: v / 3 for k, v in vecs.items()}  # the steered base sometimes writes the draft, sometimes not
     out, n = {}, {}
-    modes = {"per_token": dict(lazy_thinking=False), "no_reuse": dict(draft_reuse=False), "reuse": {},
-             "reuse_speculative": dict(speculative="single_row"),
+    modes = {"per_token": dict(lazy_thinking=False), "no_reuse": dict(draft_reuse=False, speculative="off"),
+             "reuse": dict(speculative="off"), "reuse_speculative": dict(speculative="single_row"),
              "no_reuse_speculative": dict(speculative="single_row", draft_reuse=False)}
     for name, kw in modes.items():
         hyb = make(lm2, lm, sae, mid, bias / 3, threshold=-1e9, max_new_tokens=60, batch_size=1, **kw)
