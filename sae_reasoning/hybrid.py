@@ -410,6 +410,36 @@ def _sentence_members(text: str, cut: int, ends: Sequence[int]) -> tuple[int, in
 # The decoder
 
 
+class _Draft:
+    """One row's greedy draft of its next sentence, fed token by token: pooled (the mean block-`sae_layer` output of
+    the draft's first sentence, as the SAE's training sentences were pooled) once its sentence ends or it emits eos.
+    A premature cut (a "3." that a later "14" would retract) ends the draft early; that only shortens the span."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int]):
+        self.stream = SentenceStream(tokenizer)
+        self.eos_ids = eos_ids
+        self.fed: list[int] = []  # every token fed, eos included
+        self.hs: list[Tensor] = []  # outputs of the tokens in the stream
+        self.pooled: Tensor | None = None
+
+    def feed(self, t: int, h: Tensor) -> None:
+        self.fed.append(t)
+        if t in self.eos_ids:
+            self.pooled = torch.stack(self.hs).mean(0) if self.hs else h
+            return
+        st = self.stream
+        st.append(t)
+        self.hs.append(h)
+        cut = st.current()[0]
+        if cut > 0:  # the draft's first sentence ended: its members start before the cut
+            members = [x for j, x in enumerate(self.hs) if (st.ends[j - 1] if j else 0) < cut]
+            self.pooled = torch.stack(members or self.hs[:1]).mean(0)
+
+    def result(self) -> Tensor:
+        """The pooled output; a draft cut off by its token budget pools everything it wrote."""
+        return self.pooled if self.pooled is not None else torch.stack(self.hs).mean(0)
+
+
 class _Stop(Exception):
     """Raised by the capture hook during a draft step: nothing after block sae_layer is needed."""
 
@@ -721,13 +751,10 @@ class HybridGenerator:
             tcache = copy.copy(tcache)
             tcache.layers = [copy.copy(layer) for layer in tcache.layers]
             tcache.batch_select_indices(rows)  # indexing makes new tensors: the shared cache is left untouched
-        streams = [SentenceStream(self.thinking.tokenizer) for _ in range(A)]
-        hs: list[list[Tensor]] = [[] for _ in range(A)]
-        pooled: list[Tensor | None] = [None] * A
-        fed: list[list[int]] = [[] for _ in range(A)]
+        drafts = [_Draft(self.thinking.tokenizer, eos_ids) for _ in range(A)]
+        nxt: list[int] = [0] * A
         fed_h: list[list[Tensor]] = [[] for _ in range(A)]
         after: list[list[int]] = [[] for _ in range(A)]
-        nxt: list[int] = [0] * A
         keep_trail = trail is not None
         tok, mask = first, tmask
         for i in range(self.settings.draft_max_tokens if max_tokens is None else max_tokens):
@@ -739,32 +766,22 @@ class HybridGenerator:
             greedy = logits[:, -1].argmax(-1)
             greedy_l = greedy.tolist() if seqs is not None or keep_trail else None
             for a, t in enumerate(tok.tolist()):
-                if pooled[a] is not None:
+                if drafts[a].pooled is not None:
                     continue
+                drafts[a].feed(t, h[a])
                 if seqs is not None or keep_trail:
-                    fed[a].append(t)
                     nxt[a] = greedy_l[a]
                 if keep_trail:
                     fed_h[a].append(h[a])
                     after[a].append(greedy_l[a])
-                if t in eos_ids:
-                    pooled[a] = torch.stack(hs[a]).mean(0) if hs[a] else h[a]
-                    continue
-                st = streams[a]
-                st.append(t)
-                hs[a].append(h[a])
-                cut = st.current()[0]
-                if cut > 0:  # the draft's first sentence ended: its members start before the cut
-                    members = [x for j, x in enumerate(hs[a]) if (st.ends[j - 1] if j else 0) < cut]
-                    pooled[a] = torch.stack(members or hs[a][:1]).mean(0)
-            if all(p is not None for p in pooled):
+            if all(d.pooled is not None for d in drafts):
                 break
             tok = greedy
         if seqs is not None:
-            seqs.extend(f + [n] for f, n in zip(fed, nxt))
+            seqs.extend(d.fed + [n] for d, n in zip(drafts, nxt))
         if keep_trail:
-            trail.extend(dict(fed=f, h=torch.stack(x), after=g) for f, x, g in zip(fed, fed_h, after))
-        return torch.stack([p if p is not None else torch.stack(x).mean(0) for p, x in zip(pooled, hs)])
+            trail.extend(dict(fed=d.fed, h=torch.stack(x), after=g) for d, x, g in zip(drafts, fed_h, after))
+        return torch.stack([d.result() for d in drafts])
 
     def _pool_retokenized(self, prompts: list[list[int]], texts: list[str], cuts: list[int]
                           ) -> tuple[Tensor, list[bool]]:
