@@ -22,7 +22,8 @@ a hook on the LM head, for every method alike, so no row stops early):
   ``diag_hybrid_sentence_per_token_thinking`` (`lazy_thinking=False`: the thinking model reads every token as it is
   emitted, the code of sessions 1-4), ``diag_hybrid_sentence_untracked`` (`track_unsteered=False`) and
   ``diag_hybrid_sentence_draft_token`` (`draft="token"`: at a sentence start the thinking model drafts one token
-  instead of its whole next sentence).
+  instead of its whole next sentence) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts``
+  (`shared_drafts=True`; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
   repository) re-implemented here with plain HF forwards: no KV cache; per generated token, one full thinking
   forward to read the SAE layer, one full unsteered base forward, a second full thinking forward for its logits;
@@ -300,7 +301,10 @@ def main() -> None:
     p.add_argument("--ref-checkpoints", type=int, default=None, help="prefix lengths at which the reference step "
                                                                      "is timed")
     p.add_argument("--ref-live", type=int, default=None, help="live reference steps from the prompt")
-    p.add_argument("--no-diag", action="store_true", help="skip the diagnostic hybrid_sentence_untracked runs")
+    p.add_argument("--no-diag", action="store_true", help="skip the diagnostic diag_hybrid_sentence_* runs")
+    p.add_argument("--diag", default=None, metavar="NAMES",
+                   help="only these diagnostic runs, comma-separated suffixes of diag_hybrid_sentence_* (e.g. "
+                        "shared_drafts,no_speculative)")
     p.add_argument("--profile", action="store_true", help="profile the hybrid even when the targets are met")
     p.add_argument("--artifacts", default=None, metavar="TRAIN_DIR,STEER_DIR",
                    help="the SAE (train.py run) and steering vectors (steer.py run) of the models benchmarked, e.g. "
@@ -403,6 +407,12 @@ def main() -> None:
                                                                          batch_size=b, speculative="off")
                         gens["diag_hybrid_sentence_per_token_thinking"] = mk(
                             granularity="sentence", max_new_tokens=n, batch_size=b, lazy_thinking=False)
+                    if "shared_drafts" in HybridSettings.__dataclass_fields__ and b > 1:
+                        gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n,
+                                                                        batch_size=b, shared_drafts=True)
+                if args.diag:
+                    wanted = {f"diag_hybrid_sentence_{x.strip()}" for x in args.diag.split(",")}
+                    gens = {k: v for k, v in gens.items() if not k.startswith("diag_") or k in wanted}
                 fns = {"base_hf_generate": lambda: base_hf_generate(base, bp, n),
                        "base_cached_loop": lambda: base_cached_loop(base, bp, n)}
                 for key, gen in gens.items():
@@ -433,6 +443,11 @@ def main() -> None:
                                      for k in gens},
                     "_disagreement": _mean(r["disagreement_rate"] for r in hs),
                 }
+                if n == n_max and "diag_hybrid_sentence_shared_drafts" in gens:
+                    # sequential model calls: what a launch-bound GPU pays for, measurable on any machine
+                    row["forward_calls"] = {k: count_forwards(lambda gen=gens[k]: hybrid_run(gen, bp, tp),
+                                                              thinking=thinking, base=base)
+                                            for k in ("hybrid_sentence", "diag_hybrid_sentence_shared_drafts")}
                 settings_rows.append(row)
                 C.log("   tokens/s " + ", ".join(f"{k} {v:.0f}" for k, v in tps.items()))
                 missed = min(row["hybrid_over_base"][k] for k in ("hybrid_sentence", "hybrid_token")) < TARGET_BASE
@@ -486,6 +501,9 @@ def main() -> None:
                                                               batch_size=b, speculative="off"),
                     "diag_hybrid_sentence_untracked": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b,
                                                          track_unsteered=False)}
+            if b > 1:
+                gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n_max,
+                                                                batch_size=b, shared_drafts=True)
             # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
             # masked), its row leaving the batch when done. Every count is of decode steps (eos step included).
             lengths = [r["n_steps"] for r in hybrid_run(gens["hybrid_sentence"], nbp, ntp)]

@@ -4,9 +4,10 @@
 #   OUT=dir bash benchmarks/gpu_check.sh              # the GPU run: --device cuda, sizes below, python3
 #   OUT=dir bash benchmarks/gpu_check.sh --dry-run    # CPU check of this script: --device cpu --quick, toy sizes
 #
-# Writes into $OUT (flat, <= 7 files): hybrid.json, sae_grid.json, extractor.json, steering.json, gpu_check.log and,
-# when time is left, hybrid256.json (N=256, the rest of the issue's settings) and hybrid_profile.json (a short
-# `--profile` run: forward counts, cProfile, torch ops on the GPU). Ends with summarize.py's markdown table.
+# Writes into $OUT (flat, <= 8 files): hybrid.json, sae_grid.json, extractor.json, steering.json, gpu_check.log and,
+# when time is left, hybrid256.json (N=256, the rest of the issue's settings), hybrid_profile.json (a short
+# `--profile` run: forward counts, cProfile, torch ops on the GPU) and hybrid_shared.json (shared drafts and
+# speculative steps against their defaults). Ends with summarize.py's markdown table.
 #
 # Packages the GPU machine lacks (hydra-core/omegaconf/antlr4, transformers 5.23.0, sae-lens and what it imports)
 # travel as wheels in .whl/ (a carried, git-ignored folder); they are installed to $SITE (default /tmp/site) and put
@@ -32,8 +33,9 @@
 # Time: a global budget (BUDGET_S, default 420 s for the GPU run) — every benchmark runs under `timeout`, capped at
 # its own limit and at what is left of the budget; an optional run starts only if its whole limit still fits.
 # Environment knobs: OUT (required), PYTHON, SITE, BUDGET_S, THREADS (torch/OpenMP CPU threads, default 8 on GPU),
-# PARTS (the runs to make, default all: "hybrid sae_grid extractor steering hybrid256 hybrid_profile"; a lease too
-# short for all of them is split into two commands, e.g. PARTS="sae_grid extractor steering" then PARTS=hybrid).
+# PARTS (the runs to make, default all: "hybrid sae_grid extractor steering hybrid256 hybrid_profile
+# hybrid_shared"; a lease too short for all of them is split into two commands, e.g. PARTS="sae_grid extractor
+# steering" then PARTS=hybrid).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -62,7 +64,7 @@ else
 fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS  # also sklearn's k-means (SAE data init)
 COMMON=(--device "$DEV" --threads "$THREADS")
-PARTS=" ${PARTS:-hybrid sae_grid extractor steering hybrid256 hybrid_profile} "
+PARTS=" ${PARTS:-hybrid sae_grid extractor steering hybrid256 hybrid_profile hybrid_shared} "
 FAILS=0
 
 main() {
@@ -119,6 +121,7 @@ EOF
     run steering bench_steering 200 "${Q[@]}" --n-train 8 --n-val 4 --epochs 1 --repeats 1
     optional hybrid256 bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 1,2 --no-diag --ref-checkpoints 2 --ref-live 1 --no-profile
     optional hybrid_profile bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --no-diag --ref-checkpoints 2 --ref-live 1 --profile
+    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   else
     # hybrid at the targets' N (512), both batch sizes; without its automatic profile (it would re-run the
     # 512 x 16 hybrid twice more, ~1 min): the short profile run below gives the same breakdown when time allows
@@ -129,12 +132,14 @@ EOF
     run steering bench_steering 90 --n-train 48 --n-val 16 --epochs 2 --repeats 2
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     optional hybrid_profile bench_hybrid 75 --tokens 64 --batches 16 --no-diag --ref-checkpoints 2 --ref-live 0 --profile
+    # session 6's untested-on-GPU knobs: shared drafts (batch 16) and speculative steps off vs on (batch 1)
+    optional hybrid_shared bench_hybrid 150 --tokens 256 --batches 1,16 --diag shared_drafts,no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary
   echo "== summary at +${SECONDS}s ($FAILS failed or skipped)"
   local files=()
-  for f in hybrid hybrid256 sae_grid extractor steering; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
+  for f in hybrid hybrid256 hybrid_shared sae_grid extractor steering; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
   if [ ${#files[@]} -gt 0 ]; then "$PY" benchmarks/summarize.py "${files[@]}" || FAILS=$((FAILS + 1)); fi
   if [ -s "$OUT/hybrid_profile.json" ]; then
     "$PY" - "$OUT/hybrid_profile.json" << 'EOF' || true

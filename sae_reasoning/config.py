@@ -156,6 +156,11 @@ class HybridConfig:
     # problems run to their own end at batch 1 went from 0.40x to 0.53x base-only; in fixed-length runs past the
     # answer (out-of-distribution text, drafts rejected) it cost 5%; not measured on a GPU
     speculative: str = "single_row"
+    # sentence mode with lazy thinking, batch > 1: rows draft their next sentence one token a step inside ONE shared
+    # thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per step instead
+    # of one per draft token of the longest draft. Same results. Off by default: on a CPU a waiting row still costs
+    # its positions, so it does not pay there; meant for launch-bound GPUs, where it was not measured yet
+    shared_drafts: bool = False
 
 
 SECOND_OPINION_NEEDS_LLM = ("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible "

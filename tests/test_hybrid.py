@@ -474,7 +474,8 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
     prompts = None
     results, calls = {}, {}
     modes = {"per_token": dict(lazy_thinking=False), "lazy": dict(speculative="off"),
-             "speculative": dict(speculative="always")}  # always: ragged rows, masked holes in both caches
+             "speculative": dict(speculative="always"),  # always: ragged rows, masked holes in both caches
+             "shared": dict(shared_drafts=True)}  # drafts one token a step in one shared forward
     for name, kw in modes.items():
         hyb = make(lm2, lm, sae, vecs, bias, granularity="sentence", threshold=-1e9, max_new_tokens=40,
                    control=control, draft=draft, **kw)
@@ -494,11 +495,36 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
     assert [r["finished"] for r in ref[3:]] != [r["finished"] for r in ref[:3]]  # some rows stopped early
     assert any(r["truncated"] for r in ref)
     assert any(r["disagreement_rate"] > 0 for r in ref) and any(r["n_decisions"] > 1 for r in ref)
-    for name in ("lazy", "speculative"):
+    for name in ("lazy", "speculative", "shared"):
         for a, b in zip(ref, results[name]):
             assert a == b, name
     # (batch 3: some row decides at most steps, so lazy saves less than at batch 1; the base's savings: below)
     assert calls["lazy"]["thinking"] < calls["per_token"]["thinking"], calls
+
+
+def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vectors):
+    """Shared drafts (8 rows): each row drafts one token a step in one shared thinking forward while the others
+    write, instead of every row waiting while the rows at a sentence start draft their whole sentence. The same
+    tokens, decisions and stats as lazy thinking (and one-token steps: above), in fewer sequential model calls."""
+    vecs, bias = vectors
+    questions = ["Tom saw a big dog", "The sun was hot", "Lily had a red ball", "Once upon a time there was a cat",
+                 "Ben and Mia went to the park", "The little bird sang", "A girl found a shiny box",
+                 "Max liked to run fast"]
+    out, calls = {}, {}
+    for name, kw in (("lazy", dict(speculative="off")), ("shared", dict(shared_drafts=True))):
+        hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
+        pairs = [hyb.prompts(q) for q in questions]
+        n = [0]
+        hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in (lm, lm2)]
+        try:
+            out[name] = hyb.generate_ids([b for b, _ in pairs], [t for _, t in pairs])
+        finally:
+            for h in hooks:
+                h.remove()
+        calls[name] = n[0]
+    assert out["shared"] == out["lazy"]
+    assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
+    assert calls["shared"] < 0.8 * calls["lazy"], calls
 
 
 def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vectors):
