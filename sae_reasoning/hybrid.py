@@ -929,7 +929,8 @@ class HybridGenerator:
                 same forward, at the position after its draft's previous tokens (`tpos` counts read tokens only)."""
                 nonlocal tmask, tpos, tlogits
                 reading = [readers is None or a in readers for a in range(len(active))]
-                drafting = [rows[i].draft is not None for i in active]
+                drafting = [rows[i].draft is not None and rows[i].draft.pooled is None
+                            and len(rows[i].draft.fed) < s.draft_max_tokens for i in active]
                 reused = [0] * len(active)
                 for a, i in enumerate(active):
                     r = rows[i]

@@ -511,7 +511,9 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                  "Ben and Mia went to the park", "The little bird sang", "A girl found a shiny box",
                  "Max liked to run fast"]
     out, calls = {}, {}
-    for name, kw in (("lazy", dict(speculative="off")), ("shared", dict(shared_drafts=True))):
+    for name, kw in (("lazy", dict(speculative="off")), ("shared", dict(shared_drafts=True)),
+                     ("lazy_short", dict(speculative="off", draft_max_tokens=3)),  # drafts cut by their budget
+                     ("shared_short", dict(shared_drafts=True, draft_max_tokens=3))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
         n = [0]
@@ -522,7 +524,8 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
             for h in hooks:
                 h.remove()
         calls[name] = n[0]
-    assert out["shared"] == out["lazy"]
+    assert out["shared"] == out["lazy"] and out["shared_short"] == out["lazy_short"]
+    assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
     assert calls["shared"] < 0.8 * calls["lazy"], calls
 
