@@ -148,9 +148,10 @@ stays one position wide and the caches grow by one column a step). Then one base
 drafting rows get a masked hole). A row's sentence still costs its read, its draft and its writing, but the rows
 no longer wait for each other: about two model calls per step. Same tokens, decisions and stats (tested). It pays
 where a call costs its launches (a GPU); on a CPU every row costs its position in both forwards, drafting or not.
-Measured on the organism with the demo's SAE and vectors (CPU, batch 16): 32 test problems to their end, 818 -> 621
-model calls and 852 -> 875-914 tokens/s; 512 tokens with eos masked, 4,592 -> 2,096 calls but 560 -> 439 tokens/s
-(the base cache holds a hole for every step a row drafted). Speculative steps and draft reuse are off with it.
+Measured on the organism with the demo's SAE and vectors (CPU, batch 16, ``bench_hybrid.py``): 512 tokens with eos
+masked, 4,592 -> 2,096 model calls but 552 -> 399 tokens/s (the base cache holds a hole for every step a row
+drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843 tokens/s. Speculative steps and draft
+reuse are off with it.
 
 Speculative steps (``speculative``: "off", "single_row", the default, or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
