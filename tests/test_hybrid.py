@@ -516,14 +516,18 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                      ("shared_short", dict(shared_drafts=True, draft_max_tokens=3))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
-        n = [0]
+        n, widths = [0], []
         hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in (lm, lm2)]
+        hooks.append(lm2.model.register_forward_pre_hook(
+            lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True))
         try:
             out[name] = hyb.generate_ids([b for b, _ in pairs], [t for _, t in pairs])
         finally:
             for h in hooks:
                 h.remove()
         calls[name] = n[0]
+        if name.startswith("shared"):  # after the prompt, one position a step: the cache grows a column a step
+            assert set(widths[1:]) == {1}, sorted(set(widths))
     assert out["shared"] == out["lazy"] and out["shared_short"] == out["lazy_short"]
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
