@@ -410,9 +410,7 @@ def main() -> None:
                     if "shared_drafts" in HybridSettings.__dataclass_fields__ and b > 1:
                         gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n,
                                                                         batch_size=b, shared_drafts=True)
-                if args.diag:
-                    wanted = {f"diag_hybrid_sentence_{x.strip()}" for x in args.diag.split(",")}
-                    gens = {k: v for k, v in gens.items() if not k.startswith("diag_") or k in wanted}
+                gens = pick_diag(gens, args)
                 fns = {"base_hf_generate": lambda: base_hf_generate(base, bp, n),
                        "base_cached_loop": lambda: base_cached_loop(base, bp, n)}
                 for key, gen in gens.items():
@@ -504,6 +502,7 @@ def main() -> None:
             if b > 1:
                 gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n_max,
                                                                 batch_size=b, shared_drafts=True)
+            gens = pick_diag(gens, args)
             # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
             # masked), its row leaving the batch when done. Every count is of decode steps (eos step included).
             lengths = [r["n_steps"] for r in hybrid_run(gens["hybrid_sentence"], nbp, ntp)]
@@ -578,6 +577,16 @@ def main() -> None:
     if profile:
         result["profile"] = profile
     C.emit(result, args)
+
+
+def pick_diag(gens: dict, args) -> dict:
+    """The generators minus the diagnostic ones that --no-diag / --diag leave out."""
+    if args.no_diag:
+        return {k: v for k, v in gens.items() if not k.startswith("diag_")}
+    if args.diag:
+        wanted = {f"diag_hybrid_sentence_{x.strip()}" for x in args.diag.split(",")}
+        return {k: v for k, v in gens.items() if not k.startswith("diag_") or k in wanted}
+    return gens
 
 
 def _mean(xs) -> float | None:
