@@ -170,6 +170,19 @@ def print_vectors(meta: dict) -> None:
         print(f"  {key:<10} skipped: {why}")
 
 
+# Hybrid settings that change only how fast the same tokens come (hybrid.py tests each against one thinking forward
+# per token): left out of the generations' key, so a run resumed with another of them keeps its finished batches.
+HYBRID_SPEED_KNOBS = ("lazy_thinking", "speculative", "shared_drafts")
+
+
+def generations_key(cfg: Any, method: str, budget: Any, question_ids: list) -> str:
+    """The fingerprint of everything one method's generations depend on (`evaluate.run_sharded`'s `key`)."""
+    hybrid = {k: cfg.hybrid[k] for k in cfg.hybrid if k not in HYBRID_SPEED_KNOBS}
+    return fingerprint({"method": method, "budget": budget, "questions": question_ids, "model": cfg.model,
+                        "hybrid": hybrid, "steering_layer": cfg.steering.layer, "seed": cfg.seed,
+                        "inputs": eval_inputs_fingerprint(cfg, method)})
+
+
 def eval_inputs_fingerprint(cfg: Any, method: str) -> str:
     """What a hybrid method's generations depend on beyond the config: the taxonomy and the vectors files."""
     if method in ("base", "thinking"):
@@ -224,9 +237,7 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
                 from sae_reasoning.hybrid_stage import hybrid_batch_fn
 
                 fn = hybrid_batch_fn(cfg, thinking, base, method, budget)
-            key = fingerprint({"method": method, "budget": budget, "questions": [q.id for q in questions],
-                               "model": cfg.model, "hybrid": cfg.hybrid, "steering_layer": cfg.steering.layer,
-                               "seed": cfg.seed, "inputs": eval_inputs_fingerprint(cfg, method)})
+            key = generations_key(cfg, method, budget, [q.id for q in questions])
             records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress,
                                   key=key)
             results[method] = grade_records(records, questions)

@@ -112,3 +112,24 @@ def test_hub_model_without_network_fails_fast(offline, monkeypatch):
     line = proc.stderr.strip()
     assert "\n" not in line and "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in line
     assert "hf download" in line and "model.thinking.path" in line
+
+
+def test_generations_key_ignores_only_the_hybrid_speed_knobs(tmp_path):
+    """A resumed eval keeps its finished batches when only a setting that changes speed, not tokens, differs
+    (lazy thinking, speculative steps, shared drafts); any setting that changes what is generated changes the key."""
+    from sae_reasoning.pipeline import HYBRID_SPEED_KNOBS, generations_key
+
+    (tmp_path / "taxonomy.json").write_text('{"name": "a"}')
+    dirs = [f"train_dir={tmp_path}", f"steer_dir={tmp_path}"]
+
+    def key(*overrides, ids=("q1", "q2")):
+        return generations_key(compose_config(dirs + list(overrides)), "hybrid", 512, list(ids))
+
+    base = key()
+    assert set(HYBRID_SPEED_KNOBS) <= set(compose_config([]).hybrid)
+    assert key("hybrid.lazy_thinking=false", "hybrid.speculative=always", "hybrid.shared_drafts=true") == base
+    for changed in ("hybrid.coefficient=0.5", "hybrid.granularity=token", "hybrid.draft=token", "seed=1"):
+        assert key(changed) != base, changed
+    assert key(ids=["q1"]) != base
+    (tmp_path / "taxonomy.json").write_text('{"name": "b"}')  # another chosen taxonomy
+    assert key() != base
