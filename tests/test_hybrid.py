@@ -513,7 +513,9 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
     out, calls = {}, {}
     for name, kw in (("lazy", dict(speculative="off")), ("shared", dict(shared_drafts=True)),
                      ("lazy_short", dict(speculative="off", draft_max_tokens=3)),  # drafts cut by their budget
-                     ("shared_short", dict(shared_drafts=True, draft_max_tokens=3))):
+                     ("shared_short", dict(shared_drafts=True, draft_max_tokens=3)),
+                     ("lazy_untracked", dict(speculative="off", track_unsteered=False)),  # one base row a problem
+                     ("shared_untracked", dict(shared_drafts=True, track_unsteered=False))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
         n, widths = [0], []
@@ -528,7 +530,8 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
         calls[name] = n[0]
         if name.startswith("shared"):  # after the prompt, one position a step: the cache grows a column a step
             assert set(widths[1:]) == {1}, sorted(set(widths))
-    assert out["shared"] == out["lazy"] and out["shared_short"] == out["lazy_short"]
+    for name in ("", "_short", "_untracked"):
+        assert out["shared" + name] == out["lazy" + name], name
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
     assert calls["shared"] < 0.8 * calls["lazy"], calls
