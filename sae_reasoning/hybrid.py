@@ -135,7 +135,12 @@ catch-up the tokens the base emitted are compared with the draft's: the entries 
 kept (their block-``sae_layer`` outputs and greedy tokens are the draft's, computed on the same prefix), the rest of
 the draft is cropped, and only the emitted tokens after the prefix are read. Where the base wrote the whole draft
 (on the organism about half the sentences at natural ends) no catch-up forward runs at all. With several rows the
-drafts still run on a copy: their lengths differ, so one row's leftover draft could not be cropped alone.
+drafts still run on a copy: their lengths differ, so one row's leftover draft could not be cropped alone. The
+one-token path (token granularity, ``lazy_thinking=False``, the oracle control) reuses a lone row's draft the same
+way: each emitted token that the draft already read is not read again (its output and greedy token are the draft's;
+only their argmax is used there, so not with candidate scoring, ``unsteered_rerank`` or ``record``) until the base
+leaves the draft, whose unread rest is then cropped. Token mode on the organism, 32 problems to their end, batch 1:
+3,603 -> 2,483 thinking forwards, 8.0 -> 7.0 s.
 
 Shared drafts (``shared_drafts``, off by default; with lazy thinking, ``draft="sentence"``, batch > 1, not with a
 ``schedule``): by default the rows that start a sentence at a step draft their whole next sentence, one thinking
@@ -478,6 +483,7 @@ class _Row:
     draft: "_Draft | None" = None  # shared drafts: the row's draft in progress (it does not write meanwhile)
     dnext: int = 0  # shared drafts: the next draft token to feed
     dcols: list[int] = field(default_factory=list)  # shared drafts: thinking-cache columns of the draft's tokens
+    trail_used: int = 0  # draft reuse in token mode: the draft's tokens read so far
     trail: dict | None = None  # draft reuse: the draft left in the thinking cache (`_draft_sentence`'s trail)
     vectors: Tensor | None = None  # random_vectors control: this problem's own vectors [n_latents, d]
     record: dict[str, list] = field(default_factory=lambda: dict(step_logits=[], unsteered_logits=[],
@@ -891,6 +897,10 @@ class HybridGenerator:
         # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
         shared = lazy and s.shared_drafts and s.draft == "sentence" and schedule is None and B > 1 and self.decides
         reuse = reuse and not shared
+        # draft reuse in the one-token path (token mode): each emitted token that the draft wrote is not read again;
+        # only where the thinking model's logits serve no more than their argmax
+        reuse_token = (not lazy and not retok and not record and not candidate and s.draft_reuse
+                       and s.draft == "sentence" and s.control != "unsteered_rerank")
         spec = spec and not shared
 
         with ExitStack() as stack:
@@ -911,7 +921,8 @@ class HybridGenerator:
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache = growing_cache(self.thinking.model.config)
-                reuse = reuse and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
+                plain = all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
+                reuse, reuse_token = reuse and plain, reuse_token and plain
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -1049,10 +1060,14 @@ class HybridGenerator:
                         sel = torch.tensor(rows_d, device=tdev)
                         draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
                         seqs: list[list[int]] | None = [] if verify else None
-                        if reuse and A == 1:  # a lone row drafts in place; the next catch-up keeps what it emits
+                        if (reuse or reuse_token) and A == 1:  # a lone row drafts in place (draft reuse)
+                            r = arows[0]
+                            if r.trail is not None:  # a token-mode draft not used up: drop its unread rest
+                                for layer in tcache.layers:
+                                    layer.crop(-(len(r.trail["fed"]) - r.trail_used))
                             trail: list[dict] = []
                             draft_h = self._draft_sentence(g, tmask, tpos, tcache, None, seqs=seqs, trail=trail)
-                            arows[0].trail = trail[0]
+                            r.trail, r.trail_used = trail[0], 0
                         else:
                             draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel,
                                                                 seqs=seqs)
@@ -1256,9 +1271,24 @@ class HybridGenerator:
                     continue
                 # ---- 4. the thinking model reads the emitted token
                 tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
-                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
-                                        tcache)[:, -1].float()
                 tpos = tpos + 1
+                r = rows[active[0]]
+                if r.trail is not None and len(active) == 1 and r.trail["fed"][r.trail_used] == int(e[0]):
+                    # draft reuse (token mode): the draft already read this token, at this position
+                    k = r.trail_used
+                    H[orig, step] = r.trail["h"][k].to(H.dtype)
+                    tlogits = torch.full_like(tlogits, float("-inf"))
+                    tlogits[0, r.trail["after"][k]] = 0.0  # only its argmax is used (no candidate scoring here)
+                    r.trail_used += 1
+                    if r.trail_used == len(r.trail["fed"]):
+                        r.trail = None
+                    continue
+                if r.trail is not None and len(active) == 1:  # the base left the draft: drop its unread rest
+                    for layer in tcache.layers:
+                        layer.crop(-(len(r.trail["fed"]) - r.trail_used))
+                    r.trail = None
+                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, (tpos - 1)[:, None],
+                                        tcache)[:, -1].float()
                 H[orig, step] = self._captured.to(H.dtype)
             for i in active:
                 bar.update(1)

@@ -473,7 +473,7 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
     vecs, bias = vectors
     prompts = None
     results, calls = {}, {}
-    modes = {"per_token": dict(lazy_thinking=False), "lazy": dict(speculative="off"),
+    modes = {"per_token": dict(lazy_thinking=False, draft_reuse=False), "lazy": dict(speculative="off"),
              "speculative": dict(speculative="always"),  # always: ragged rows, masked holes in both caches
              "shared": dict(shared_drafts=True)}  # drafts one token a step in one shared forward
     for name, kw in modes.items():
@@ -544,7 +544,8 @@ def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vect
     vecs, bias = vectors
     weak = {k: v / 10 for k, v in vecs.items()}
     out, calls = {}, {}
-    for name, kw in (("per_token", dict(lazy_thinking=False)), ("speculative", dict(speculative="single_row"))):
+    for name, kw in (("per_token", dict(lazy_thinking=False, draft_reuse=False)),
+                     ("speculative", dict(speculative="single_row"))):
         hyb = make(lm2, lm, sae, weak, bias / 10, threshold=-1e9, max_new_tokens=60, batch_size=1, **kw)
         ids = [hyb.prompts(q)[1] for q in QUESTIONS]
         n = [0]
@@ -568,7 +569,8 @@ def test_draft_reuse_at_batch_one_equals_one_token_steps(lm, lm2, sae, vectors):
     vecs, bias = vectors
     mid = {k: v / 3 for k, v in vecs.items()}  # the steered base sometimes writes the draft, sometimes not
     out, n = {}, {}
-    modes = {"per_token": dict(lazy_thinking=False), "no_reuse": dict(draft_reuse=False, speculative="off"),
+    modes = {"per_token": dict(lazy_thinking=False, draft_reuse=False),
+             "no_reuse": dict(draft_reuse=False, speculative="off"),
              "reuse": dict(speculative="off"), "reuse_speculative": dict(speculative="single_row"),
              "no_reuse_speculative": dict(speculative="single_row", draft_reuse=False)}
     for name, kw in modes.items():
@@ -592,6 +594,31 @@ def test_draft_reuse_at_batch_one_equals_one_token_steps(lm, lm2, sae, vectors):
     # (a catch-up with nothing left to read: fewer forwards)
     assert all(0 < r["changed_fraction"] < 0.5 and r["disagreement_rate"] > 0 for r in out["per_token"])
     assert n["reuse"]["calls"] < n["no_reuse"]["calls"], n
+
+
+@pytest.mark.parametrize("granularity,control", [("token", "none"), ("token", "oracle"), ("token", "random_vectors"),
+                                                 ("sentence", "oracle")])
+def test_draft_reuse_in_the_one_token_path(lm, lm2, sae, vectors, granularity, control):
+    """Token mode (and the controls that read the thinking model at every token): a lone row's draft stays in the
+    thinking cache, and each emitted token the draft already read is not read again (its output and greedy token
+    are the draft's) until the base leaves the draft. Same tokens, decisions and stats, fewer thinking forwards."""
+    vecs, bias = vectors
+    mid = {k: v / 3 for k, v in vecs.items()}
+    out, calls = {}, {}
+    for name, kw in (("off", dict(draft_reuse=False)), ("on", {})):
+        hyb = make(lm2, lm, sae, mid, bias / 3, threshold=-1e9, max_new_tokens=60, batch_size=1,
+                   granularity=granularity, control=control, **kw)
+        pairs = [hyb.prompts(q) for q in QUESTIONS]
+        n = [0]
+        hook = lm2.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        try:
+            out[name] = hyb.generate_ids([b for b, _ in pairs], [t for _, t in pairs])
+        finally:
+            hook.remove()
+        calls[name] = n[0]
+    assert out["on"] == out["off"]
+    assert calls["on"] < calls["off"], calls
+    assert any(r["disagreement_rate"] > 0 for r in out["off"])
 
 
 def test_mismatched_tokenizers_refused(lm, lm2, tmp_path, sae):
