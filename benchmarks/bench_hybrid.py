@@ -65,6 +65,12 @@ TARGET_BASE = 0.45
 TARGET_REF = 100.0
 REF_COEFFICIENTS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 REF_WINDOWS = [0, -1, -4, -16, -64]
+# diagnostic hybrid runs (not used for the targets): name -> (settings, the HybridSettings field they need)
+DIAGS = {"untracked": (dict(track_unsteered=False), "track_unsteered"),
+         "draft_token": (dict(draft="token"), "draft"),
+         "no_speculative": (dict(speculative="off"), "speculative"),
+         "per_token_thinking": (dict(lazy_thinking=False), "lazy_thinking"),
+         "shared_drafts": (dict(shared_drafts=True), "shared_drafts")}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -369,6 +375,20 @@ def main() -> None:
         return HybridGenerator(thinking, base, sae, sae_layer, vec_map, bias, steering_layer, progress=False,
                                coefficient=coefficient, **kw)
 
+    def generators(n: int, b: int, diags) -> dict:
+        """The hybrid runs of one setting: both modes at the defaults, then the diagnostics `diags` (names in
+        DIAGS) that --no-diag / --diag leave in and the code under test has (older code: the field is missing)."""
+        gens = {"hybrid_sentence": mk(granularity="sentence", max_new_tokens=n, batch_size=b),
+                "hybrid_token": mk(granularity="token", max_new_tokens=n, batch_size=b)}
+        wanted = set() if args.no_diag else (set(x.strip() for x in args.diag.split(",")) if args.diag else None)
+        for name in diags:
+            kw, field_ = DIAGS[name]
+            if (wanted is None or name in wanted) and field_ in HybridSettings.__dataclass_fields__ and (
+                    b > 1 or name != "shared_drafts"):  # shared drafts need batch > 1
+                gens[f"diag_hybrid_sentence_{name}"] = mk(granularity="sentence", max_new_tokens=n, batch_size=b,
+                                                          **kw)
+        return gens
+
     pairs = [mk().prompts(q) for q in questions]
     base_prompts, think_prompts = [pr[0] for pr in pairs], [pr[1] for pr in pairs]
     C.log(f"hybrid: {model_info['models']}, steering layer {steering_layer}, SAE layer {sae_layer}, tokens {tokens}, "
@@ -394,23 +414,7 @@ def main() -> None:
         for n in tokens:
             for b in batches:
                 bp, tp = base_prompts[:b], think_prompts[:b]
-                gens = {"hybrid_sentence": mk(granularity="sentence", max_new_tokens=n, batch_size=b),
-                        "hybrid_token": mk(granularity="token", max_new_tokens=n, batch_size=b)}
-                if not args.no_diag:
-                    gens["diag_hybrid_sentence_untracked"] = mk(granularity="sentence", max_new_tokens=n,
-                                                                batch_size=b, track_unsteered=False)
-                    if "draft" in HybridSettings.__dataclass_fields__:
-                        gens["diag_hybrid_sentence_draft_token"] = mk(granularity="sentence", max_new_tokens=n,
-                                                                      batch_size=b, draft="token")
-                    if "speculative" in HybridSettings.__dataclass_fields__:
-                        gens["diag_hybrid_sentence_no_speculative"] = mk(granularity="sentence", max_new_tokens=n,
-                                                                         batch_size=b, speculative="off")
-                        gens["diag_hybrid_sentence_per_token_thinking"] = mk(
-                            granularity="sentence", max_new_tokens=n, batch_size=b, lazy_thinking=False)
-                    if "shared_drafts" in HybridSettings.__dataclass_fields__ and b > 1:
-                        gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n,
-                                                                        batch_size=b, shared_drafts=True)
-                gens = pick_diag(gens, args)
+                gens = generators(n, b, DIAGS)
                 fns = {"base_hf_generate": lambda: base_hf_generate(base, bp, n),
                        "base_cached_loop": lambda: base_cached_loop(base, bp, n)}
                 for key, gen in gens.items():
@@ -493,16 +497,7 @@ def main() -> None:
         nat_pairs = [mk().prompts(pr.question) for pr in nat]
         nbp, ntp = [pr[0] for pr in nat_pairs], [pr[1] for pr in nat_pairs]
         for b in batches:
-            gens = {"hybrid_sentence": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b),
-                    "hybrid_token": mk(granularity="token", max_new_tokens=n_max, batch_size=b),
-                    "diag_hybrid_sentence_no_speculative": mk(granularity="sentence", max_new_tokens=n_max,
-                                                              batch_size=b, speculative="off"),
-                    "diag_hybrid_sentence_untracked": mk(granularity="sentence", max_new_tokens=n_max, batch_size=b,
-                                                         track_unsteered=False)}
-            if b > 1:
-                gens["diag_hybrid_sentence_shared_drafts"] = mk(granularity="sentence", max_new_tokens=n_max,
-                                                                batch_size=b, shared_drafts=True)
-            gens = pick_diag(gens, args)
+            gens = generators(n_max, b, ("untracked", "no_speculative", "shared_drafts"))
             # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
             # masked), its row leaving the batch when done. Every count is of decode steps (eos step included).
             lengths = [r["n_steps"] for r in hybrid_run(gens["hybrid_sentence"], nbp, ntp)]
@@ -577,16 +572,6 @@ def main() -> None:
     if profile:
         result["profile"] = profile
     C.emit(result, args)
-
-
-def pick_diag(gens: dict, args) -> dict:
-    """The generators minus the diagnostic ones that --no-diag / --diag leave out."""
-    if args.no_diag:
-        return {k: v for k, v in gens.items() if not k.startswith("diag_")}
-    if args.diag:
-        wanted = {f"diag_hybrid_sentence_{x.strip()}" for x in args.diag.split(",")}
-        return {k: v for k, v in gens.items() if not k.startswith("diag_") or k in wanted}
-    return gens
 
 
 def _mean(xs) -> float | None:

@@ -893,14 +893,13 @@ class HybridGenerator:
         lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
                 and s.control not in ("oracle", "unsteered_rerank"))
         spec = lazy and s.speculative != "off" and s.draft == "sentence" and schedule is None
-        reuse = lazy and s.draft_reuse and s.draft == "sentence"  # (catch_up) for plain caches: crop is exact
         # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
         shared = lazy and s.shared_drafts and s.draft == "sentence" and schedule is None and B > 1 and self.decides
-        reuse = reuse and not shared
-        # draft reuse in the one-token path (token mode): each emitted token that the draft wrote is not read again;
-        # only where the thinking model's logits serve no more than their argmax
-        reuse_token = (not lazy and not retok and not record and not candidate and s.draft_reuse
-                       and s.draft == "sentence" and s.control != "unsteered_rerank")
+        # draft reuse (module doc): a lone row drafts in place; its catch-up (lazy) or its one-token reads (token
+        # mode) skip what the draft already read. Only where the thinking logits serve no more than their argmax
+        # (lazy thinking implies every condition but the draft's), and for plain caches (crop is exact there)
+        reuse = (s.draft_reuse and s.draft == "sentence" and not retok and not record and not candidate
+                 and s.control != "unsteered_rerank" and not shared)
         spec = spec and not shared
 
         with ExitStack() as stack:
@@ -921,8 +920,7 @@ class HybridGenerator:
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache = growing_cache(self.thinking.model.config)
-                plain = all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
-                reuse, reuse_token = reuse and plain, reuse_token and plain
+                reuse = reuse and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -950,9 +948,7 @@ class HybridGenerator:
                         fed, m = r.trail["fed"], 0
                         while m < min(len(fed), len(r.pend)) and fed[m] == r.pend[m]:
                             m += 1
-                        if len(fed) > m:  # only a lone row drafts in place, so the whole cache is its own
-                            for layer in tcache.layers:
-                                layer.crop(-(len(fed) - m))
+                        self._crop(tcache, len(fed) - m)  # only a lone row drafts in place: the cache is its own
                         reused[a] = m
                 if any(reused):
                     m_t = torch.tensor(reused, device=tdev)
@@ -992,8 +988,7 @@ class HybridGenerator:
                     if m:
                         H[o, start: start + m] = r.trail["h"][:m].to(H.dtype)
                         if not n:  # nothing read: the greedy token after the last reused one is the draft's
-                            tlogits[a] = float("-inf")
-                            tlogits[a, after[-1]] = 0.0
+                            self._set_greedy(tlogits, a, after[-1])
                     if n:
                         H[o, start + m: r.n_steps] = hidden[a, :n]
                     r.counts["disagree"] += sum(u_ != after[j - 1] for j, u_ in r.pending_u)
@@ -1011,10 +1006,13 @@ class HybridGenerator:
                 starts = [first == end for (_, first, end) in state]
                 done_drafts: list[int] = []  # shared drafts: rows whose draft ended at this step
                 if shared:
+                    def start_draft(a: int) -> None:  # its first token: the thinking greedy token after what it read
+                        arows[a].draft = _Draft(self.thinking.tokenizer, self.eos_ids)
+                        arows[a].dnext, arows[a].dcols = int(tlogits[a].argmax()), []
+
                     for a, r in enumerate(arows):  # a row at a sentence start with nothing to read drafts at once
                         if need[a] and starts[a] and not r.pend:
-                            r.draft, r.dnext, r.dcols = _Draft(self.thinking.tokenizer, self.eos_ids), \
-                                int(tlogits[a].argmax()), []
+                            start_draft(a)
                     # every row reads what it emitted at the last step (one token: the forward stays one position
                     # wide, so the cache grows by one column a step, not by the longest backlog)
                     readers = [a for a, r in enumerate(arows) if r.pend]
@@ -1022,8 +1020,7 @@ class HybridGenerator:
                         catch_up(readers)
                     for a, r in enumerate(arows):
                         if a in readers and need[a] and starts[a]:  # read: its draft starts at the next step
-                            r.draft, r.dnext, r.dcols = _Draft(self.thinking.tokenizer, self.eos_ids), \
-                                int(tlogits[a].argmax()), []
+                            start_draft(a)
                         elif r.draft is not None and a not in readers and (
                                 r.draft.pooled is not None or len(r.draft.fed) >= s.draft_max_tokens):
                             done_drafts.append(a)
@@ -1060,11 +1057,10 @@ class HybridGenerator:
                         sel = torch.tensor(rows_d, device=tdev)
                         draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
                         seqs: list[list[int]] | None = [] if verify else None
-                        if (reuse or reuse_token) and A == 1:  # a lone row drafts in place (draft reuse)
+                        if reuse and A == 1:  # a lone row drafts in place (draft reuse)
                             r = arows[0]
                             if r.trail is not None:  # a token-mode draft not used up: drop its unread rest
-                                for layer in tcache.layers:
-                                    layer.crop(-(len(r.trail["fed"]) - r.trail_used))
+                                self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
                             trail: list[dict] = []
                             draft_h = self._draft_sentence(g, tmask, tpos, tcache, None, seqs=seqs, trail=trail)
                             r.trail, r.trail_used = trail[0], 0
@@ -1116,12 +1112,13 @@ class HybridGenerator:
                 beh_b = behavior.to(bdev)
                 is_active = beh_b >= 0
                 # shared drafts: the rows that write at this step (the others, drafting, get a masked hole)
-                writing = None
+                writing = writing_t = None
                 if shared:
                     writing = [r.draft is None and (not self.decides or cut in r.decided)
                                for r, (cut, _, _) in zip(arows, state)]
                     if not any(writing):
                         continue
+                    writing_t = torch.tensor(writing, device=bdev)
                 # ---- 2. steer: delta [A, K, d] for the steered rows
                 use_vec = is_active & (s.control != "bias_only")
                 if s.control == "random_vectors":  # each problem its own random vectors
@@ -1147,7 +1144,7 @@ class HybridGenerator:
                 R = A * S
                 # the new base column of each row: 1, or 0 for a row that does not write (shared drafts)
                 col = (bmask.new_ones(R, 1) if writing is None else
-                       torch.tensor(writing, device=bdev).repeat_interleave(S)[:, None].to(bmask.dtype))
+                       writing_t.repeat_interleave(S)[:, None].to(bmask.dtype))
                 L = max(len(c) for c in cands)  # speculative: draft tokens verified in this forward (0: none)
                 if L:  # each row: its fed token + its draft's tokens (padded with masked positions) at one delta
                     inp, cols = self._right_pad([[f] + c for f, c in zip(feed.tolist(), cands)], 1 + L, self.pad_id,
@@ -1186,7 +1183,7 @@ class HybridGenerator:
                 else:
                     e = steered_logits[:, 0].argmax(-1)
                     if writing is not None:  # a drafting row keeps the token it will feed when it writes
-                        e = torch.where(torch.tensor(writing, device=bdev), e, feed)
+                        e = torch.where(writing_t, e, feed)
                 if L:  # [A][1 + L]: the steered (and unsteered) greedy token after each fed position
                     greedy_b = steered_logits.argmax(-1).tolist()
                     greedy_u = logits[1::2].argmax(-1).tolist() if S == 2 else (None if self.steers else greedy_b)
@@ -1271,28 +1268,40 @@ class HybridGenerator:
                     continue
                 # ---- 4. the thinking model reads the emitted token
                 tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
-                tpos = tpos + 1
-                r = rows[active[0]]
-                if r.trail is not None and len(active) == 1 and r.trail["fed"][r.trail_used] == int(e[0]):
-                    # draft reuse (token mode): the draft already read this token, at this position
+                r = rows[active[0]]  # a trail exists only for a lone row (draft reuse)
+                if r.trail is not None:
                     k = r.trail_used
-                    H[orig, step] = r.trail["h"][k].to(H.dtype)
-                    tlogits = torch.full_like(tlogits, float("-inf"))
-                    tlogits[0, r.trail["after"][k]] = 0.0  # only its argmax is used (no candidate scoring here)
-                    r.trail_used += 1
-                    if r.trail_used == len(r.trail["fed"]):
-                        r.trail = None
-                    continue
-                if r.trail is not None and len(active) == 1:  # the base left the draft: drop its unread rest
-                    for layer in tcache.layers:
-                        layer.crop(-(len(r.trail["fed"]) - r.trail_used))
+                    if r.trail["fed"][k] == int(e[0]):  # the draft already read this token, at this position
+                        H[orig, step] = r.trail["h"][k].to(H.dtype)
+                        self._set_greedy(tlogits, 0, r.trail["after"][k])
+                        tpos = tpos + 1
+                        r.trail_used += 1
+                        if r.trail_used == len(r.trail["fed"]):
+                            r.trail = None
+                        continue
+                    self._crop(tcache, len(r.trail["fed"]) - k)  # the base left the draft: drop its unread rest
                     r.trail = None
-                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, (tpos - 1)[:, None],
+                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
                                         tcache)[:, -1].float()
+                tpos = tpos + 1
                 H[orig, step] = self._captured.to(H.dtype)
             for i in active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]
+
+    @staticmethod
+    def _crop(cache: Any, n: int) -> None:
+        """Drop the last `n` entries of every layer of `cache` (draft reuse: a lone row's unread draft)."""
+        if n > 0:
+            for layer in cache.layers:
+                layer.crop(-n)
+
+    @staticmethod
+    def _set_greedy(tlogits: Tensor, a: int, token: int) -> None:
+        """Row `a`'s thinking logits known only by their greedy token (a reused draft's): only their argmax is
+        read where draft reuse runs."""
+        tlogits[a] = float("-inf")
+        tlogits[a, token] = 0.0
 
     @staticmethod
     def _candidate_mask(past: Tensor, K: int, dtype: torch.dtype) -> Tensor:
