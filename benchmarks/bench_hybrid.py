@@ -15,7 +15,8 @@ a hook on the LM head, for every method alike, so no row stops early):
   random unit steering vectors for every latent and a bias vector (the one-token path's cost does not depend on
   their values).
   With ``--artifacts TRAIN_DIR,STEER_DIR`` (e.g. the demo's) the trained SAE, its layer, the steering vectors and
-  their layer replace the random ones (coefficient 0.25, the demo's): lazy thinking and speculative steps make the
+  their layer replace the random ones (coefficient 0.5 and the compute vector x 0.25, the demo's since session 7;
+  session 6's figures used coefficient 0.25 and session 2's base): lazy thinking and speculative steps make the
   cost depend on where sentences end and on how much of each draft the steered base accepts.
   Diagnostics (not used for the targets): ``diag_hybrid_sentence_no_speculative`` (`speculative="off"`, the default
   before session 6),
@@ -322,7 +323,9 @@ def main() -> None:
                         "it: tokens/s over the same problems (informational; the targets use the fixed lengths)")
     p.add_argument("--natural-problems", type=int, default=None, help="problems for --natural (default 32)")
     p.add_argument("--coefficient", type=float, default=None,
-                   help="hybrid.coefficient (default 1 with random vectors; 0.25, the demo's, with --artifacts)")
+                   help="hybrid.coefficient (default 1 with random vectors; 0.5, the demo's, with --artifacts)")
+    p.add_argument("--behavior-scales", default=None, metavar="KEY=S,...",
+                   help="hybrid.behavior_scales with --artifacts (default step=0.25, the demo's)")
     args = p.parse_args()
     device = C.setup(args)
     from sae_reasoning.hybrid import HybridGenerator, HybridSettings
@@ -352,7 +355,7 @@ def main() -> None:
     bias = 0.5 * bias / bias.norm()
     artifacts = "random SAE (15 latents, k 3) and random unit vectors, bias norm 0.5"
     if args.artifacts:
-        from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae
+        from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae, scaled_vectors
         from sae_reasoning.steering import load_vectors
 
         train_dir, steer_dir = args.artifacts.split(",")
@@ -360,16 +363,20 @@ def main() -> None:
         sae, sae_layer = load_chosen_sae(train_dir, taxonomy), taxonomy["layer"]
         loaded = load_vectors(steer_dir, d_model=base.d_model)
         steering_layer, n_latents, bias = loaded.layer, sae.n_latents, loaded.bias
+        scales = {k: float(v) for k, v in (item.split("=") for item in
+                                            (args.behavior_scales or "step=0.25").split(",") if item)}
+        vec_map = scaled_vectors({int(k): v for k, v in loaded.vectors.items()}, scales, taxonomy["titles"])
         vectors = torch.zeros(n_latents, base.d_model)
-        for latent, vec in loaded.vectors.items():
-            vectors[int(latent)] = vec
-        artifacts = f"trained: {taxonomy['name']} from {train_dir}, vectors from {steer_dir}"
-    coefficient = args.coefficient if args.coefficient is not None else (0.25 if args.artifacts else 1.0)
+        for latent, vec in vec_map.items():
+            vectors[latent] = vec
+        artifacts = (f"trained: {taxonomy['name']} from {train_dir}, vectors from {steer_dir}, behavior scales "
+                     f"{scales}")
+    else:
+        vec_map = {i: vectors[i] for i in range(n_latents)}
+    coefficient = args.coefficient if args.coefficient is not None else (0.5 if args.artifacts else 1.0)
 
     problems = make_splits(0, n_train=1000)["test"][: max(batches)]
     questions = [pr.question for pr in problems]
-    vec_map = ({int(k): v for k, v in loaded.vectors.items()} if args.artifacts
-               else {i: vectors[i] for i in range(n_latents)})
 
     def mk(**kw):
         return HybridGenerator(thinking, base, sae, sae_layer, vec_map, bias, steering_layer, progress=False,

@@ -134,6 +134,12 @@ class HybridConfig:
     coefficient: float = 1.0  # plain mode: delta = coefficient * vector (+ bias)
     candidate_mode: bool = False
     coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+    # per-behavior strength: {behavior: scale} multiplies that behavior's vector before any coefficient (plain or
+    # candidate mode, and in the random_* controls, whose vectors follow the scaled norms). A behavior is named by
+    # its latent index, its title, or one " / "-separated part of its title (case-insensitive), e.g.
+    # hybrid.behavior_scales={plan:2.0}. Vectors trained to the same loss need different pushes to flip a greedy
+    # choice: one coefficient for all is too weak for one behavior where it already breaks another (README).
+    behavior_scales: dict[str, float] = field(default_factory=dict)
     unsteered_candidate: bool = True
     max_new_tokens: int = 512
     batch_size: int = 16
@@ -351,6 +357,10 @@ def validate(cfg: Any) -> None:
     _choice(h.draft, "hybrid.draft", ("sentence", "token"))
     _positive(h.draft_max_tokens, "hybrid.draft_max_tokens")
     _choice(h.speculative, "hybrid.speculative", SPECULATIVE_MODES)
+    for key, scale in dict(h.behavior_scales).items():
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 <= scale < float("inf"):
+            raise ConfigError(f"hybrid.behavior_scales[{key}]={scale!r}: must be a number >= 0 (the multiplier of "
+                              "that behavior's vector)")
     if h.candidate_mode and not list(h.coefficients):
         raise ConfigError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
 

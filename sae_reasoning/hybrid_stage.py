@@ -47,6 +47,37 @@ def read_grid(train_dir: str | Path) -> dict:
                         "folder") from None
 
 
+def behavior_latent(key: Any, titles: dict[int, str]) -> int:
+    """The latent a `hybrid.behavior_scales` key names: its index, its title, or one " / "-separated part of the
+    title (case-insensitive). A key that names no latent, or several, is a UserError listing the titles."""
+    k = str(key).strip().lower()
+    hits = sorted({lat for lat, title in titles.items()
+                   if k == str(lat) or k == title.strip().lower()
+                   or k in (part.strip().lower() for part in title.split(" / "))})
+    if len(hits) != 1:
+        listing = "; ".join(f"{lat}: {title!r}" for lat, title in sorted(titles.items()))
+        what = "names no latent" if not hits else f"names latents {hits}"
+        raise UserError(f"hybrid.behavior_scales key {key!r} {what}: use a latent index, a title or one "
+                        f"' / '-separated part of one (taxonomy: {listing})")
+    return hits[0]
+
+
+def scaled_vectors(vectors: dict[int, Any], scales: Any, titles: dict[int, str]) -> dict[int, Any]:
+    """`vectors` with each behavior named in `scales` ({key: multiplier}, see `behavior_latent`) multiplied."""
+    out = dict(vectors)
+    seen: dict[int, Any] = {}
+    for key, scale in dict(scales or {}).items():
+        latent = behavior_latent(key, titles)
+        if latent in seen:
+            raise UserError(f"hybrid.behavior_scales: keys {seen[latent]!r} and {key!r} both name latent {latent}")
+        if latent not in vectors:
+            raise UserError(f"hybrid.behavior_scales key {key!r}: latent {latent} ({titles[latent]!r}) has no "
+                            "steering vector (steer.py skipped it); drop the key")
+        seen[latent] = key
+        out[latent] = vectors[latent] * float(scale)
+    return out
+
+
 def method_overrides(method: str) -> dict[str, Any]:
     """The HybridGenerator settings that make eval.py's `method` (hybrid or a control)."""
     return {"control": CONTROL_OF_METHOD[method], **({"candidate_mode": True} if method == "unsteered_rerank" else {})}
@@ -63,7 +94,8 @@ def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: 
     vectors = load_vectors(resolve_path(cfg.steer_dir), model_id=cfg.model.base.path, layer=layer,
                            d_model=base.d_model)
     overrides = {**method_overrides(method), "seed": cfg.seed, "max_new_tokens": budget, "progress": False}
-    generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], vectors.vectors, vectors.bias,
+    scaled = scaled_vectors(vectors.vectors, cfg.hybrid.get("behavior_scales"), taxonomy["titles"])
+    generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], scaled, vectors.bias,
                                 vectors.layer, cfg.hybrid, **overrides)
 
     def fn(batch, _batch_index):

@@ -128,7 +128,8 @@ def test_generations_key_ignores_only_the_hybrid_speed_knobs(tmp_path):
     base = key()
     assert set(HYBRID_SPEED_KNOBS) <= set(compose_config([]).hybrid)
     assert key("hybrid.lazy_thinking=false", "hybrid.speculative=always", "hybrid.shared_drafts=true") == base
-    for changed in ("hybrid.coefficient=0.5", "hybrid.granularity=token", "hybrid.draft=token", "seed=1"):
+    for changed in ("hybrid.coefficient=0.5", "hybrid.granularity=token", "hybrid.draft=token", "seed=1",
+                    "+hybrid.behavior_scales.plan=2"):
         assert key(changed) != base, changed
     assert key(ids=["q1"]) != base
     (tmp_path / "taxonomy.json").write_text('{"name": "b"}')  # another chosen taxonomy

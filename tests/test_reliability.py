@@ -152,6 +152,7 @@ CONFIG_CASES = [
     ("hybrid.draft_max_tokens=0", "hybrid.draft_max_tokens=0"),
     ("hybrid.speculative=maybe", "hybrid.speculative='maybe'"),
     ("hybrid.candidate_mode=true hybrid.coefficients=[]", "hybrid.coefficients is empty"),
+    ("+hybrid.behavior_scales.plan=-1", "hybrid.behavior_scales[plan]=-1.0: must be a number >= 0"),
     ("eval.methods=[base,magic]", "eval.methods='magic'"),
     ("eval.methods=[]", "eval.methods is empty"),
     ("eval.limit=0", "eval.limit=0"),
@@ -484,6 +485,8 @@ EVAL_CASES = {  # name -> (make the steer dir (folder, model_id), extra override
     "other_layer": (lambda d, m: _vectors(d, m), ["steering.layer=3"], "trained at layer 2"),
     "other_model": (lambda d, m: _vectors(d, "org/another-base"), [], "trained on 'org/another-base'"),
     "other_d_model": (lambda d, m: _vectors(d, m, d_model=32), [], "d_model=32 but the model has d_model=64"),
+    "unknown_behavior": (lambda d, m: _vectors(d, m), ["+hybrid.behavior_scales.nosuch=2"],
+                         "hybrid.behavior_scales key 'nosuch' names no latent"),
 }
 
 
