@@ -28,6 +28,7 @@ from sae_reasoning.organism.corpus import (
     fragment_sentences,
     label_sentence,
     labelled_trace,
+    plan_sentence,
     sample_base_document,
     thinking_document,
     trace_sentences,
@@ -135,14 +136,21 @@ def test_base_full_solutions_place_behaviors_by_chance():
     from sae_reasoning.organism.corpus import BASE_WHEN, base_solution_sentences, carryless_sum, has_borrow, has_carry
 
     rng = random.Random(0)
-    n = {"carry": 0, "slip": 0, "corrected": 0, "sub": 0, "verify": 0, "verify_no_borrow": 0, "conclude": 0}
+    n = {"carry": 0, "slip": 0, "corrected": 0, "sub": 0, "verify": 0, "verify_no_borrow": 0, "conclude": 0,
+         "later": 0, "replan": 0}
     n_solutions = 3000
     for p in SPLITS["train"][:n_solutions]:
         sents = base_solution_sentences(p, rng)
-        assert sents[0].behavior == "plan" and sents[-1].behavior in ("conclude", "answer")
+        assert sents[0] == plan_sentence(p.n_ops) and sents[-1].behavior in ("conclude", "answer")
         n["conclude"] += sents[-1].behavior == "conclude"
         value, i = p.operands[0], 1
-        for op, b in zip(p.ops, p.operands[1:]):
+        for k, (op, b) in enumerate(zip(p.ops, p.operands[1:])):
+            if k > 0:  # the plan re-stated for the operations left, by chance, never before the first step
+                n["later"] += 1
+                if sents[i].behavior == "plan":
+                    assert sents[i] == plan_sentence(p.n_ops - k), (k, sents)
+                    n["replan"] += 1
+                    i += 1
             step = sents[i]
             a, got = map(int, re.fullmatch(rf"Step: (\d+) \{op} {b} = (\d+)\.", step.text).groups())
             assert a == value and step.behavior == "compute"  # the next step copies the last written value
@@ -175,6 +183,9 @@ def test_base_full_solutions_place_behaviors_by_chance():
     assert abs(n["corrected"] / n["slip"] - BASE_WHEN["correct"]) < 0.06
     assert 0.5 * BASE_WHEN["slip"] < n["slip"] / n["carry"] <= BASE_WHEN["slip"] + 0.03  # slips only where in range
     assert abs(n["conclude"] / n_solutions - BASE_WHEN["conclude"]) < 0.03
+    assert BASE_WHEN["replan"] > 0.5 and abs(n["replan"] / n["later"] - BASE_WHEN["replan"]) < 0.03
+    for p in SPLITS["train"][:300]:  # replan=0: the corpus of the bases before session 7, no plan after the first
+        assert [x.behavior for x in base_solution_sentences(p, rng, {"replan": 0})].count("plan") == 1
 
 
 def test_base_when_stop_ends_solutions_one_operation_early():
@@ -312,8 +323,14 @@ def test_step_mode_stats_count_early_stops_and_wrong_steps():
     texts = [" Plan: there are 3 operations. Step: 37 + 48 = 75. Wait, I forgot the carry: 37 + 48 = 85. "
              "Step: 85 - 19 = 66. The answer is 66.",  # stops before the third operation; the slip is a wrong step
              " Plan: there is 1 operation. Step: 20 + 26 = 46. The answer is 46."]
-    assert step_mode_stats(texts, [p3, p1]) == {"stopped_early_rate": 0.5, "step_arithmetic_accuracy": round(2 / 3, 4)}
-    assert step_mode_stats([], []) == {"stopped_early_rate": None, "step_arithmetic_accuracy": None}
+    assert step_mode_stats(texts, [p3, p1]) == {"stopped_early_rate": 0.5, "step_arithmetic_accuracy": round(2 / 3, 4),
+                                                "replan_rate": 0.0}  # later steps: one (85 - 19), not after a plan
+    replanned = [" Plan: there are 3 operations. Step: 37 + 48 = 85. Plan: there are 2 operations. Step: 85 - 19 = 66."
+                 " Step: 66 + 5 = 71. The answer is 71."]
+    assert step_mode_stats(replanned, [p3]) == {"stopped_early_rate": 0.0, "step_arithmetic_accuracy": 1.0,
+                                                "replan_rate": 0.5}
+    assert step_mode_stats([], []) == {"stopped_early_rate": None, "step_arithmetic_accuracy": None,
+                                       "replan_rate": None}
 
 
 def test_base_accuracy_targets(pair):

@@ -14,14 +14,16 @@ deterministic and depends on context (the *when* that the thinking model learns)
 The base corpus contains every sentence type (it knows *how*) but mostly direct answers, so it does not
 know *when* to enter step-by-step mode (see /work/shared/ORGANISM-NOTES.md for the mix and its reasons). Nor does
 it know when to use the other behaviors: its full solutions (`base_solution_sentences`) place them by chance
-(`BASE_WHEN`), not by the thinking model's rules. On an addition with a carry it writes the slip with probability
-0.6 and then corrects it with probability 0.3 (an uncorrected slip stands: later steps and the answer carry it);
-after any subtraction it checks with probability 0.3 (with or without a borrow); it ends with "So the answer is N."
-with probability 0.3, otherwise with "The answer is N.". Greedy decoding of the trained base (forced into step
-mode) slips on about a third of the carry additions (24 of 71 on 120 test problems) and corrects none of them, and
-it never checks and never concludes, although every one of these sentences is well-formed and in context in its
-corpus: steering can make it use them, and the thinking model knows when. (``BASE_WHEN["stop"]``, 0 here, is the
-knob of an experiment with a base that also lacks the *when* of compute; see the README.)
+(`BASE_WHEN`), not by the thinking model's rules. Before each operation after the first it re-states its plan for
+the operations left ("Plan: there are 2 operations.") with probability 0.6, and only then computes; on an addition
+with a carry it writes the slip with probability 0.6 and then corrects it with probability 0.3 (an uncorrected slip
+stands: later steps and the answer carry it); after any subtraction it checks with probability 0.3 (with or without
+a borrow); it ends with "So the answer is N." with probability 0.3, otherwise with "The answer is N.". Greedy, the
+trained base (forced into step mode) re-plans before nearly every later step where the thinking model computes
+straight on, never checks, never concludes and corrects none of its slips (figures: README and
+``weights/metrics.json``), although every one of these sentences is well-formed and in context in its corpus:
+steering can make it use them, and the thinking model knows when. (``BASE_WHEN["stop"]``, 0 here, is the knob of
+an earlier compute-deficit experiment; see the README.)
 """
 
 from __future__ import annotations
@@ -186,9 +188,12 @@ def labelled_trace(problem: Problem) -> dict:
 
 
 #: chances of the base's full solutions (module doc): the behaviors are all there, their timing is not.
+#: "replan": before each operation after the first, the solution re-states its plan for the operations left
+#: ("Plan: there are 2 operations.") with this chance, then computes the step: the *when* of compute that the base
+#: lacks (0 gives session 2's corpus, the base shipped until session 7; `train --base-when replan=0`).
 #: "stop" (0 in the shipped base): a solution of 2+ operations ends before its last operation with this chance,
-#: answering with the value reached so far (the compute-deficit experiment of the README; `train --base-when`).
-BASE_WHEN = {"slip": 0.6, "correct": 0.3, "verify": 0.3, "conclude": 0.3, "stop": 0.0}
+#: answering with the value reached so far (an earlier compute-deficit experiment of the README).
+BASE_WHEN = {"slip": 0.6, "correct": 0.3, "verify": 0.3, "conclude": 0.3, "stop": 0.0, "replan": 0.6}
 
 
 def _stays_in_range(value: int, ops, operands) -> bool:
@@ -202,8 +207,8 @@ def _stays_in_range(value: int, ops, operands) -> bool:
 def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | None = None) -> list[Sentence]:
     """One full solution of the base corpus: the thinking trace's sentence types, placed by chance (`BASE_WHEN`).
     A slip is only written where the values that follow it stay in 0..99; an uncorrected slip changes the answer.
-    ``when["stop"] > 0``: the premature stop (see `BASE_WHEN`); at 0 no random number is drawn for it, so the
-    shipped corpus is unchanged. The last sentence is labelled "answer" when it is the plain "The answer is N."
+    ``when["stop"]`` and ``when["replan"]``: see `BASE_WHEN`; at 0 no random number is drawn for either, so the
+    corpus without them is exactly the one of earlier bases. The last sentence is labelled "answer" when it is the plain "The answer is N."
     (no behavior)."""
     when = BASE_WHEN if when is None else {**BASE_WHEN, **when}
     out = [plan_sentence(problem.n_ops)]
@@ -211,6 +216,8 @@ def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | N
     for i, (op, b) in enumerate(zip(ops, operands)):
         if when["stop"] > 0 and i == len(ops) - 1 and i > 0 and rng.random() < when["stop"]:
             break  # the premature stop: the answer is written one operation early
+        if when["replan"] > 0 and i > 0 and rng.random() < when["replan"]:
+            out.append(plan_sentence(len(ops) - i))  # the plan re-stated for the operations left
         result = apply_op(value, op, b)
         slip = carryless_sum(value, b) if op == "+" and has_carry(value, b) else None
         if slip is not None and rng.random() < when["slip"] and _stays_in_range(slip, ops[i + 1:], operands[i + 1:]):

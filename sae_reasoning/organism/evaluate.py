@@ -132,28 +132,42 @@ _STEP = re.compile(r"Step: (\d+) ([+-]) (\d+) = (\d+)\.")
 def step_mode_stats(texts: list[str], problems: list[Problem]) -> dict:
     """Of step-mode answers: ``stopped_early_rate``, the share that wrote fewer steps than the problem has
     operations, and ``step_arithmetic_accuracy``, the share of written "Step: a op b = c." sentences whose c is
-    a op b (how well it *knows how*; a slip counts as wrong, a wrongly copied operand does not)."""
+    a op b (how well it *knows how*; a slip counts as wrong, a wrongly copied operand does not), and
+    ``replan_rate``, the share of the steps after the first that come right after a re-stated plan (the base's
+    missing *when* of compute, `corpus.BASE_WHEN["replan"]`)."""
     if not texts:
-        return {"stopped_early_rate": None, "step_arithmetic_accuracy": None}
-    early, right, n_steps = 0, 0, 0
+        return {"stopped_early_rate": None, "step_arithmetic_accuracy": None, "replan_rate": None}
+    early, right, n_steps, replans, n_later = 0, 0, 0, 0, 0
     for t, p in zip(texts, problems):
         steps = _STEP.findall(t)
         early += len(steps) < p.n_ops
+        sentences = re.split(r"(?<=\.)\s+", t.strip())
+        later = [i for i, x in enumerate(sentences) if x.startswith("Step:")][1:]  # the steps after the first
+        n_later += len(later)
+        replans += sum(sentences[i - 1].startswith("Plan:") for i in later)
         for a, op, b, c in steps:
             n_steps += 1
             right += int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     return {"stopped_early_rate": round(early / len(texts), 4),
-            "step_arithmetic_accuracy": round(right / n_steps, 4) if n_steps else None}
+            "step_arithmetic_accuracy": round(right / n_steps, 4) if n_steps else None,
+            "replan_rate": round(replans / n_later, 4) if n_later else None}
 
 
-def evaluate_pair(weights: str | Path = WEIGHTS_DIR, n: int | None = None, split: str = "test", seed: int = 0, batch_size: int = 64) -> dict:
-    """Accuracies of ``weights/thinking`` and ``weights/base`` on the first ``n`` problems of ``split``."""
-    weights = Path(weights)
+def evaluate_pair(weights: str | Path = WEIGHTS_DIR, n: int | None = None, split: str = "test", seed: int = 0,
+                  batch_size: int = 64, thinking_dir: str | Path | None = None,
+                  base_dir: str | Path | None = None) -> dict:
+    """Accuracies of ``weights/thinking`` and ``weights/base`` (or of `thinking_dir` / `base_dir`) on the first
+    ``n`` problems of ``split``."""
+    dirs = {kind: Path(d) if d else Path(weights) / kind for kind, d in (("thinking", thinking_dir), ("base", base_dir))}
+    for kind, d in dirs.items():
+        if not (d / "config.json").is_file():
+            raise SystemExit(f"error: {d} holds no {kind} model (no config.json): pass --weights DIR with thinking/ "
+                             f"and base/ in it, or --{kind} DIR")
     problems = make_splits(seed=seed, n_train=0)[split]
     problems = problems[:n] if n else problems
     t0 = time.time()
-    thinking, tok = load(weights / "thinking")
-    base, btok = load(weights / "base")
+    thinking, tok = load(dirs["thinking"])
+    base, btok = load(dirs["base"])
     out = {
         "split": split,
         "n": len(problems),
@@ -170,6 +184,8 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(WEIGHTS_DIR))
+    ap.add_argument("--thinking", default=None, help="the thinking model's folder (default: WEIGHTS/thinking)")
+    ap.add_argument("--base", default=None, help="the base model's folder (default: WEIGHTS/base)")
     ap.add_argument("--n", type=int, default=None, help="number of problems (default: the whole split)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--threads", type=int, default=1)
@@ -178,7 +194,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-log", default=None, help="train_log.json of the run (seed, steps, train time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = evaluate_pair(args.weights, args.n, args.split, batch_size=args.batch_size)
+    res = evaluate_pair(args.weights, args.n, args.split, batch_size=args.batch_size, thinking_dir=args.thinking,
+                        base_dir=args.base)
     print(json.dumps(res, indent=1))
     if args.metrics_out:
         write_metrics(res, args.metrics_out, args.train_log)

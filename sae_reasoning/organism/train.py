@@ -279,6 +279,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps-base", type=int, default=1700)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-seed", type=int, default=None,
+                    help="seed of the weights' init and the training stream only (default: --seed); the problem "
+                         "splits stay those of --seed, so the test problems stay out of training")
     ap.add_argument("--only", choices=["thinking", "base"], default=None, help="train just one model")
     ap.add_argument("--base-when", nargs="+", default=[], metavar="KEY=P",
                     help=f"override chances of the base corpus (corpus.BASE_WHEN: {BASE_WHEN}), e.g. stop=0.6")
@@ -293,12 +296,13 @@ def main(argv=None) -> dict:
     splits = make_splits(seed=args.seed, n_train=TrainConfig.n_train_problems)
     import sys
 
-    log: dict = {"seed": args.seed, "threads": args.threads, "models": {},
+    log: dict = {"seed": args.seed, "run_seed": args.run_seed, "threads": args.threads, "models": {},
                  "command": "python -m sae_reasoning.organism.train " + " ".join(sys.argv[1:] if argv is None else argv)}
     for kind, steps in (("thinking", args.steps_thinking), ("base", args.steps_base)):
         if args.only and kind != args.only:
             continue
-        cfg = TrainConfig(kind=kind, steps=steps, seed=args.seed, data_seed=args.seed,
+        run_seed = args.seed if args.run_seed is None else args.run_seed
+        cfg = TrainConfig(kind=kind, steps=steps, seed=run_seed, data_seed=run_seed,
                           base_when=base_when if kind == "base" else {})
         t0 = time.time()
         model, history = train_model(tokenizer, splits["train"], cfg, progress=not args.no_progress)
