@@ -28,7 +28,8 @@ install: $(VENV)/.installed
 DEMO := outputs/demo
 DEMO_TRAIN := data.limit=600 sae.n_latents=[5,10,15,20,30] sae.k=[1,3] sae.seeds=[0,1,2] sae.select=truth sae.max_epochs=100 sae.patience=5
 DEMO_STEER := steering.lr=0.05 steering.n_examples=128 steering.max_epochs=25 steering.n_hit_examples=32
-DEMO_EVAL := eval.batch_size=100 hybrid.batch_size=100 hybrid.coefficient=0.25  # chosen on the validation split (README)
+# coefficient and the compute ("step") vector's scale chosen on the validation split (README)
+DEMO_EVAL := eval.batch_size=100 hybrid.batch_size=100 hybrid.coefficient=0.5 +hybrid.behavior_scales.step=0.25
 demo: install
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) train.py hydra.run.dir=$(DEMO)/train $(DEMO_TRAIN)
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) steer.py train_dir=$(DEMO)/train hydra.run.dir=$(DEMO)/steer $(DEMO_STEER)

@@ -402,7 +402,7 @@ ORGANISM = Path(os.environ.get("SAE_REASONING_ORGANISM_WEIGHTS",
                                Path(__file__).resolve().parent.parent / "sae_reasoning" / "organism" / "weights"))
 
 
-def organism_steering(weights: Path, work: Path, *, n_questions: int = 400, n_examples: int = 64,
+def organism_steering(weights: Path, work: Path, *, n_questions: int = 400, n_examples: int = 128,
                       sae_layer: int = 1, steer_layer: int = 1, n_latents: int = 5, k: int = 1,
                       n_hit: int = 16) -> dict:
     """The whole steering stage on the organism: thinking traces -> sentence activations -> SAE -> vectors for
@@ -433,8 +433,9 @@ def organism_steering(weights: Path, work: Path, *, n_questions: int = 400, n_ex
         truth = [r["label"] for r, a in zip(index, assign) if a == latent]
         major = max(sorted(set(truth), key=str), key=truth.count)
         titles[latent] = f"{major} ({truth.count(major) / len(truth):.0%} of {len(truth)})"
-    # lr 0.05 / batch 8: the organism's sets are small (64 examples); with lr 1e-2 and 48 training examples the plan
-    # vector stays at norm ~4 and does not flip the base into step mode, at lr 0.05 it reaches ~20 and does
+    # lr 0.05 / batch 8: the organism's sets are small; with lr 1e-2 and 48 training examples the plan vector stayed
+    # at norm ~4 and did not flip the base into step mode, at lr 0.05 it reaches ~20 and does. 128 examples (as in
+    # `make demo`): with 64, session 7's base got a conclude vector that hit only 9 of 16 contexts
     cfg = type("Cfg", (), dict(n_examples=n_examples, val_fraction=0.25, lr=0.05, max_epochs=20, patience=5,
                                batch_size=8, max_norm=None, objective="ce"))()
     return st.train_steering(base, traces, index, acts, sae, layer=steer_layer, out_dir=work / "vectors",
@@ -458,14 +459,13 @@ def test_organism_vectors_lower_val_loss_and_hit_rates(tmp_path):
     for r in meta["vectors"].values():  # the best vector is kept: never worse than no vector
         assert r["val_loss_after"] <= r["val_loss_before"]
     # The organism's base knows every behavior but not when (corpus.BASE_WHEN): from the first-sentence contexts it
-    # answers directly, after a borrow it does not check, after a slip it does not correct, at the end it writes
-    # "The answer is N." rather than concluding. Each of these vectors makes it do so at the held-out contexts where
-    # the thinking model did. Compute is the base's default in step mode: at its contexts every condition computes
-    # (1.0 / 1.0 / 1.0), so it is only printed.
+    # answers directly, before a later step it re-states its plan, after a borrow it does not check, after a slip it
+    # does not correct, at the end it writes "The answer is N." rather than concluding. Each vector makes it do so
+    # at the held-out contexts where the thinking model did.
     planted = {r["hit_rates"].get("target_label"): r for r in behaviors.values()}
-    assert {"plan", "verify", "correct", "conclude"} <= set(planted), planted.keys()
-    for behavior in ("plan", "verify", "correct", "conclude"):
-        h = planted[behavior]["hit_rates"]
+    assert set(planted) == {"plan", "compute", "verify", "correct", "conclude"}, planted.keys()
+    for behavior, r in planted.items():
+        h = r["hit_rates"]
         for t in (h["true_rates"], h):  # by the ground truth, and the paper's way: by the thinking model + SAE
             assert t["steered"] >= 0.75 and t["steered"] >= t["unsteered"] + 0.5 and \
                 t["steered"] >= t["random"] + 0.5, (behavior, t)
