@@ -355,7 +355,7 @@ def main() -> None:
     bias = 0.5 * bias / bias.norm()
     artifacts = "random SAE (15 latents, k 3) and random unit vectors, bias norm 0.5"
     if args.artifacts:
-        from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae, scaled_vectors
+        from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae, resolve_behavior_scales
         from sae_reasoning.steering import load_vectors
 
         train_dir, steer_dir = args.artifacts.split(",")
@@ -365,14 +365,15 @@ def main() -> None:
         steering_layer, n_latents, bias = loaded.layer, sae.n_latents, loaded.bias
         scales = {k: float(v) for k, v in (item.split("=") for item in
                                             (args.behavior_scales or "step=0.25").split(",") if item)}
-        vec_map = scaled_vectors({int(k): v for k, v in loaded.vectors.items()}, scales, taxonomy["titles"])
-        vectors = torch.zeros(n_latents, base.d_model)
+        vec_map = {int(k): v for k, v in loaded.vectors.items()}
+        behavior_scales = resolve_behavior_scales(scales, taxonomy["titles"], vec_map)
+        vectors = torch.zeros(n_latents, base.d_model)  # the reference's table: scaled as the hybrid scales it
         for latent, vec in vec_map.items():
-            vectors[latent] = vec
+            vectors[latent] = vec * behavior_scales.get(str(latent), 1.0)
         artifacts = (f"trained: {taxonomy['name']} from {train_dir}, vectors from {steer_dir}, behavior scales "
                      f"{scales}")
     else:
-        vec_map = {i: vectors[i] for i in range(n_latents)}
+        vec_map, behavior_scales = {i: vectors[i] for i in range(n_latents)}, {}
     coefficient = args.coefficient if args.coefficient is not None else (0.5 if args.artifacts else 1.0)
 
     problems = make_splits(0, n_train=1000)["test"][: max(batches)]
@@ -380,7 +381,8 @@ def main() -> None:
 
     def mk(**kw):
         return HybridGenerator(thinking, base, sae, sae_layer, vec_map, bias, steering_layer, progress=False,
-                               coefficient=coefficient, **kw)
+                               coefficient=coefficient, **({"behavior_scales": behavior_scales} if behavior_scales
+                                                           else {}), **kw)
 
     def generators(n: int, b: int, diags) -> dict:
         """The hybrid runs of one setting: both modes at the defaults, then the diagnostics `diags` (names in

@@ -135,9 +135,9 @@ class HybridConfig:
     candidate_mode: bool = False
     coefficients: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
     # per-behavior strength: {behavior: scale} multiplies that behavior's vector before any coefficient (plain or
-    # candidate mode, and in the random_* controls, whose vectors follow the scaled norms). A behavior is named by
-    # its latent index, its title, or one " / "-separated part of its title (case-insensitive), e.g.
-    # hybrid.behavior_scales={plan:2.0}. Vectors trained to the same loss need different pushes to flip a greedy
+    # candidate mode, and in the random_* controls, whose vectors follow the scaled norms). In eval.py a behavior is
+    # named by its latent index, its title, or one " / "-separated part of its title (case-insensitive), e.g.
+    # +hybrid.behavior_scales.plan=2.0 (HybridGenerator itself takes latent indices). Vectors trained to the same loss need different pushes to flip a greedy
     # choice: one coefficient for all is too weak for one behavior where it already breaks another (README).
     behavior_scales: dict[str, float] = field(default_factory=dict)
     unsteered_candidate: bool = True

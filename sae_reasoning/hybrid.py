@@ -537,6 +537,15 @@ class HybridGenerator:
                 raise HybridError(f"steering vector for latent {latent} has {vec.numel()} entries; the base model's "
                                   f"d_model is {d}")
             V[latent], has[latent] = vec, True
+        for key, scale in dict(s.behavior_scales or {}).items():  # keys: latent indices (eval.py resolves titles)
+            try:
+                latent = int(key)
+            except (TypeError, ValueError):
+                raise HybridError(f"hybrid.behavior_scales key {key!r}: HybridGenerator takes latent indices; titles "
+                                  "are resolved by eval.py (hybrid_stage.resolve_behavior_scales)") from None
+            if not 0 <= latent < self.n_latents or not has[latent]:
+                raise HybridError(f"hybrid.behavior_scales key {key!r}: latent {latent} has no steering vector")
+            V[latent] = V[latent] * float(scale)
         if bias is not None:
             bias = torch.as_tensor(bias).detach().float().flatten().cpu()
             if bias.numel() != d:

@@ -62,9 +62,11 @@ def behavior_latent(key: Any, titles: dict[int, str]) -> int:
     return hits[0]
 
 
-def scaled_vectors(vectors: dict[int, Any], scales: Any, titles: dict[int, str]) -> dict[int, Any]:
-    """`vectors` with each behavior named in `scales` ({key: multiplier}, see `behavior_latent`) multiplied."""
-    out = dict(vectors)
+def resolve_behavior_scales(scales: Any, titles: dict[int, str], vectors: dict[int, Any]) -> dict[str, float]:
+    """`hybrid.behavior_scales` ({key: multiplier}, keys as `behavior_latent` reads them) with each key replaced by
+    its latent index, as `HybridGenerator` takes it. Two keys for one latent, or a latent without a steering vector,
+    is a UserError."""
+    out: dict[str, float] = {}
     seen: dict[int, Any] = {}
     for key, scale in dict(scales or {}).items():
         latent = behavior_latent(key, titles)
@@ -74,7 +76,7 @@ def scaled_vectors(vectors: dict[int, Any], scales: Any, titles: dict[int, str])
             raise UserError(f"hybrid.behavior_scales key {key!r}: latent {latent} ({titles[latent]!r}) has no "
                             "steering vector (steer.py skipped it); drop the key")
         seen[latent] = key
-        out[latent] = vectors[latent] * float(scale)
+        out[str(latent)] = float(scale)
     return out
 
 
@@ -93,9 +95,10 @@ def hybrid_batch_fn(cfg: Any, thinking: LoadedModel, base: LoadedModel, method: 
     layer = cfg.steering.layer if cfg.steering.layer is not None else cfg.model.steering_layer
     vectors = load_vectors(resolve_path(cfg.steer_dir), model_id=cfg.model.base.path, layer=layer,
                            d_model=base.d_model)
-    overrides = {**method_overrides(method), "seed": cfg.seed, "max_new_tokens": budget, "progress": False}
-    scaled = scaled_vectors(vectors.vectors, cfg.hybrid.get("behavior_scales"), taxonomy["titles"])
-    generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], scaled, vectors.bias,
+    overrides = {**method_overrides(method), "seed": cfg.seed, "max_new_tokens": budget, "progress": False,
+                 "behavior_scales": resolve_behavior_scales(cfg.hybrid.get("behavior_scales"), taxonomy["titles"],
+                                                            vectors.vectors)}
+    generator = HybridGenerator(thinking, base, sae, taxonomy["layer"], vectors.vectors, vectors.bias,
                                 vectors.layer, cfg.hybrid, **overrides)
 
     def fn(batch, _batch_index):

@@ -322,41 +322,43 @@ def test_bias_only_equals_zeroed_vectors(lm, sae, vectors):
 
 
 def test_behavior_scales_are_per_behavior_coefficients(lm, sae, vectors):
-    """hybrid.behavior_scales (eval.py scales the loaded vectors, `hybrid_stage.scaled_vectors`): every behavior
-    scaled by 2 at coefficient 0.5 generates what coefficient 1 does (powers of two: exact); scaling one behavior
-    changes the generations; keys name a latent by index, title or title part, and a wrong key is one clear error."""
+    """hybrid.behavior_scales: every behavior scaled by 2 at coefficient 0.5 generates what coefficient 1 does
+    (powers of two: exact); scaling one behavior changes the generations; eval.py's keys name a latent by index,
+    title or title part (`hybrid_stage.resolve_behavior_scales`), and a wrong key is one clear error."""
     from sae_reasoning.errors import UserError
-    from sae_reasoning.hybrid_stage import behavior_latent, scaled_vectors
+    from sae_reasoning.hybrid_stage import behavior_latent, resolve_behavior_scales
 
     vecs, _ = vectors
     big = {k: v * 20 for k, v in vecs.items()}
     titles = {k: f"title {k} / word{k} / shared" for k in range(N_LATENTS)}
     every = {**{str(k): 2.0 for k in big if k % 2}, **{f"word{k}": 2.0 for k in big if not k % 2}}
-    doubled = scaled_vectors(big, every, titles)
-    assert all(torch.equal(doubled[k], big[k] * 2) for k in big)
-
+    doubled = resolve_behavior_scales(every, titles, big)
+    assert doubled == {str(k): 2.0 for k in big}
     used = {}
 
-    def tokens(vs, coefficient):
-        gen = make(lm, lm, sae, vs, None, threshold=-1e9, max_new_tokens=30, coefficient=coefficient)
+    def tokens(coefficient, scales=None):
+        gen = make(lm, lm, sae, big, None, threshold=-1e9, max_new_tokens=30, coefficient=coefficient,
+                   behavior_scales=scales or {})
         res = gen.generate(QUESTIONS)
         for r in res:
             for k, n in r["behavior_counts"].items():
                 used[int(k)] = used.get(int(k), 0) + n
         return [r["token_ids"] for r in res]
 
-    reference = tokens(big, 1.0)
-    assert tokens(doubled, 0.5) == reference != plain_greedy(lm, QUESTIONS, 30)
-    assert tokens(big, 0.5) != reference  # the test can fail: the coefficient matters at these norms
-    # halving only the behavior steered most changes the generations too
-    most = max(used, key=used.get)
-    assert tokens(scaled_vectors(big, {f"TITLE {most}": 0.5}, titles), 1.0) != reference
+    reference = tokens(1.0)
+    assert tokens(0.5, doubled) == reference != plain_greedy(lm, QUESTIONS, 30)
+    assert tokens(0.5) != reference  # the test can fail: the coefficient matters at these norms
+    most = max(used, key=used.get)  # halving only the behavior steered most changes the generations too
+    assert tokens(1.0, resolve_behavior_scales({f"TITLE {most}": 0.5}, titles, big)) != reference
     assert behavior_latent(" Word3 ", titles) == 3 and behavior_latent(2, titles) == 2
     for scales, needle in (({"shared": 2}, "names latents [0, 1, 2"), ({"nope": 2}, "names no latent"),
                            ({"1": 2, "word1": 3}, "both name latent 1"),
                            ({str(N_LATENTS - 1): 2}, "has no steering vector")):
         with pytest.raises(UserError, match=re.escape(needle)):
-            scaled_vectors(big, scales, titles)
+            resolve_behavior_scales(scales, titles, big)
+    for scales, needle in (({"word1": 2}, "takes latent indices"), ({str(N_LATENTS - 1): 2}, "no steering vector")):
+        with pytest.raises(HybridError, match=needle):
+            make(lm, lm, sae, big, None, behavior_scales=scales)
 
 
 def test_random_vectors_keep_norms_and_are_drawn_per_problem(lm, sae, vectors):

@@ -208,8 +208,8 @@ def base_solution_sentences(problem: Problem, rng: random.Random, when: dict | N
     """One full solution of the base corpus: the thinking trace's sentence types, placed by chance (`BASE_WHEN`).
     A slip is only written where the values that follow it stay in 0..99; an uncorrected slip changes the answer.
     ``when["stop"]`` and ``when["replan"]``: see `BASE_WHEN`; at 0 no random number is drawn for either, so the
-    corpus without them is exactly the one of earlier bases. The last sentence is labelled "answer" when it is the plain "The answer is N."
-    (no behavior)."""
+    corpus without them is exactly the one of earlier bases. The last sentence is labelled "answer" when it is the
+    plain "The answer is N." (no behavior)."""
     when = BASE_WHEN if when is None else {**BASE_WHEN, **when}
     out = [plan_sentence(problem.n_ops)]
     value, ops, operands = problem.operands[0], problem.ops, problem.operands[1:]

@@ -298,10 +298,10 @@ def main(argv=None) -> dict:
 
     log: dict = {"seed": args.seed, "run_seed": args.run_seed, "threads": args.threads, "models": {},
                  "command": "python -m sae_reasoning.organism.train " + " ".join(sys.argv[1:] if argv is None else argv)}
+    run_seed = args.seed if args.run_seed is None else args.run_seed
     for kind, steps in (("thinking", args.steps_thinking), ("base", args.steps_base)):
         if args.only and kind != args.only:
             continue
-        run_seed = args.seed if args.run_seed is None else args.run_seed
         cfg = TrainConfig(kind=kind, steps=steps, seed=run_seed, data_seed=run_seed,
                           base_when=base_when if kind == "base" else {})
         t0 = time.time()
