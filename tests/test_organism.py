@@ -315,6 +315,18 @@ def test_thinking_accuracy_target(thinking_outputs):
     assert res["accuracy"] >= 0.70, res
 
 
+def test_evaluate_names_a_missing_model_folder(tmp_path):
+    from sae_reasoning.organism.evaluate import main as evaluate_main
+
+    (tmp_path / "thinking").mkdir()
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--weights", str(tmp_path), "--n", "2"])
+    assert str(e.value.code).startswith(f"error: {tmp_path / 'thinking'} holds no thinking model")
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--thinking", str(THINKING_DIR), "--base", str(tmp_path / "nope"), "--n", "2"])
+    assert "holds no base model" in str(e.value.code) and "--base DIR" in str(e.value.code)
+
+
 def test_step_mode_stats_count_early_stops_and_wrong_steps():
     from sae_reasoning.organism.evaluate import step_mode_stats
 
