@@ -137,8 +137,9 @@ class HybridConfig:
     # per-behavior strength: {behavior: scale} multiplies that behavior's vector before any coefficient (plain or
     # candidate mode, and in the random_* controls, whose vectors follow the scaled norms). In eval.py a behavior is
     # named by its latent index, its title, or one " / "-separated part of its title (case-insensitive), e.g.
-    # +hybrid.behavior_scales.plan=2.0 (HybridGenerator itself takes latent indices). Vectors trained to the same loss need different pushes to flip a greedy
-    # choice: one coefficient for all is too weak for one behavior where it already breaks another (README).
+    # +hybrid.behavior_scales.plan=2.0 (HybridGenerator itself takes latent indices). Vectors trained to the same
+    # loss need different pushes to flip a greedy choice: one coefficient for all is too weak for one behavior where
+    # it already breaks another (README).
     behavior_scales: dict[str, float] = field(default_factory=dict)
     unsteered_candidate: bool = True
     max_new_tokens: int = 512

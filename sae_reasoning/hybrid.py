@@ -293,6 +293,9 @@ class HybridSettings(HybridConfig):
             raise HybridError(f"hybrid.speculative={self.speculative!r}: must be one of {SPECULATIVE_MODES}")
         if self.rerank_top_c is not None and self.rerank_top_c < 1:
             raise HybridError(f"hybrid.rerank_top_c={self.rerank_top_c}: must be >= 1")
+        for key, scale in dict(self.behavior_scales or {}).items():  # keys: titles are fine here (eval.py's config)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+                raise HybridError(f"hybrid.behavior_scales[{key}]={scale!r}: must be a number >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,12 +540,11 @@ class HybridGenerator:
                 raise HybridError(f"steering vector for latent {latent} has {vec.numel()} entries; the base model's "
                                   f"d_model is {d}")
             V[latent], has[latent] = vec, True
-        for key, scale in dict(s.behavior_scales or {}).items():  # keys: latent indices (eval.py resolves titles)
-            try:
-                latent = int(key)
-            except (TypeError, ValueError):
+        for key, scale in dict(s.behavior_scales).items():  # values checked in HybridSettings.validate
+            if not str(key).strip().isdigit():
                 raise HybridError(f"hybrid.behavior_scales key {key!r}: HybridGenerator takes latent indices; titles "
-                                  "are resolved by eval.py (hybrid_stage.resolve_behavior_scales)") from None
+                                  "are resolved by eval.py (hybrid_stage.resolve_behavior_scales)")
+            latent = int(key)
             if not 0 <= latent < self.n_latents or not has[latent]:
                 raise HybridError(f"hybrid.behavior_scales key {key!r}: latent {latent} has no steering vector")
             V[latent] = V[latent] * float(scale)

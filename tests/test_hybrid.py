@@ -356,7 +356,8 @@ def test_behavior_scales_are_per_behavior_coefficients(lm, sae, vectors):
                            ({str(N_LATENTS - 1): 2}, "has no steering vector")):
         with pytest.raises(UserError, match=re.escape(needle)):
             resolve_behavior_scales(scales, titles, big)
-    for scales, needle in (({"word1": 2}, "takes latent indices"), ({str(N_LATENTS - 1): 2}, "no steering vector")):
+    for scales, needle in (({"word1": 2}, "takes latent indices"), ({str(N_LATENTS - 1): 2}, "no steering vector"),
+                           ({"1": -1.0}, "must be a number >= 0")):
         with pytest.raises(HybridError, match=needle):
             make(lm, lm, sae, big, None, behavior_scales=scales)
 

@@ -153,16 +153,19 @@ def step_mode_stats(texts: list[str], problems: list[Problem]) -> dict:
             "replan_rate": round(replans / n_later, 4) if n_later else None}
 
 
+def model_dirs(weights: str | Path, thinking_dir: str | Path | None = None,
+               base_dir: str | Path | None = None) -> dict[str, Path]:
+    """{"thinking": folder, "base": folder}: the given folders, else ``weights/<kind>``."""
+    given = {"thinking": thinking_dir, "base": base_dir}
+    return {kind: Path(d) if d else Path(weights) / kind for kind, d in given.items()}
+
+
 def evaluate_pair(weights: str | Path = WEIGHTS_DIR, n: int | None = None, split: str = "test", seed: int = 0,
                   batch_size: int = 64, thinking_dir: str | Path | None = None,
                   base_dir: str | Path | None = None) -> dict:
     """Accuracies of ``weights/thinking`` and ``weights/base`` (or of `thinking_dir` / `base_dir`) on the first
     ``n`` problems of ``split``."""
-    dirs = {kind: Path(d) if d else Path(weights) / kind for kind, d in (("thinking", thinking_dir), ("base", base_dir))}
-    for kind, d in dirs.items():
-        if not (d / "config.json").is_file():
-            raise SystemExit(f"error: {d} holds no {kind} model (no config.json): pass --weights DIR with thinking/ "
-                             f"and base/ in it, or --{kind} DIR")
+    dirs = model_dirs(weights, thinking_dir, base_dir)
     problems = make_splits(seed=seed, n_train=0)[split]
     problems = problems[:n] if n else problems
     t0 = time.time()
@@ -193,6 +196,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--metrics-out", default=None, help="also write a metrics.json summary here")
     ap.add_argument("--train-log", default=None, help="train_log.json of the run (seed, steps, train time)")
     args = ap.parse_args(argv)
+    for kind, d in model_dirs(args.weights, args.thinking, args.base).items():
+        if not (d / "config.json").is_file():  # one line, not the hub client's traceback about repo ids
+            raise SystemExit(f"error: {d} holds no {kind} model (no config.json): pass --weights DIR with thinking/ "
+                             f"and base/ in it, or --{kind} DIR")
     torch.set_num_threads(args.threads)
     res = evaluate_pair(args.weights, args.n, args.split, batch_size=args.batch_size, thinking_dir=args.thinking,
                         base_dir=args.base)
