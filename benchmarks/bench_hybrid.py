@@ -23,7 +23,9 @@ a hook on the LM head, for every method alike, so no row stops early):
   ``diag_hybrid_sentence_per_token_thinking`` (`lazy_thinking=False`: the thinking model reads every token as it is
   emitted, the code of sessions 1-4), ``diag_hybrid_sentence_untracked`` (`track_unsteered=False`) and
   ``diag_hybrid_sentence_draft_token`` (`draft="token"`: at a sentence start the thinking model drafts one token
-  instead of its whole next sentence) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts``
+  instead of its whole next sentence), ``diag_hybrid_sentence_speculative_always`` (`speculative="always"`: every
+  row verifies its draft, at any batch), ``diag_hybrid_token_no_speculative`` (token mode with `speculative="off"`,
+  the token mode of sessions 6-7) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts``
   (`shared_drafts=True`; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
   repository) re-implemented here with plain HF forwards: no KV cache; per generated token, one full thinking
@@ -71,7 +73,9 @@ DIAGS = {"untracked": (dict(track_unsteered=False), "track_unsteered"),
          "draft_token": (dict(draft="token"), "draft"),
          "no_speculative": (dict(speculative="off"), "speculative"),
          "per_token_thinking": (dict(lazy_thinking=False), "lazy_thinking"),
-         "shared_drafts": (dict(shared_drafts=True), "shared_drafts")}
+         "shared_drafts": (dict(shared_drafts=True), "shared_drafts"),
+         "speculative_always": (dict(speculative="always"), "speculative"),
+         "token_no_speculative": (dict(granularity="token", speculative="off"), "speculative")}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -308,9 +312,9 @@ def main() -> None:
     p.add_argument("--ref-checkpoints", type=int, default=None, help="prefix lengths at which the reference step "
                                                                      "is timed")
     p.add_argument("--ref-live", type=int, default=None, help="live reference steps from the prompt")
-    p.add_argument("--no-diag", action="store_true", help="skip the diagnostic diag_hybrid_sentence_* runs")
+    p.add_argument("--no-diag", action="store_true", help="skip the diagnostic diag_hybrid_* runs")
     p.add_argument("--diag", default=None, metavar="NAMES",
-                   help="only these diagnostic runs, comma-separated suffixes of diag_hybrid_sentence_* (e.g. "
+                   help="only these diagnostic runs, comma-separated names of DIAGS (e.g. "
                         "shared_drafts,no_speculative)")
     p.add_argument("--profile", action="store_true", help="profile the hybrid even when the targets are met")
     p.add_argument("--artifacts", default=None, metavar="TRAIN_DIR,STEER_DIR",
@@ -393,9 +397,10 @@ def main() -> None:
         for name in diags:
             kw, field_ = DIAGS[name]
             if (wanted is None or name in wanted) and field_ in HybridSettings.__dataclass_fields__ and (
-                    b > 1 or name != "shared_drafts"):  # shared drafts need batch > 1
-                gens[f"diag_hybrid_sentence_{name}"] = mk(granularity="sentence", max_new_tokens=n, batch_size=b,
-                                                          **kw)
+                    b > 1 or name not in ("shared_drafts", "speculative_always")):  # both act at batch > 1 only
+                kw = {"granularity": "sentence", **kw}
+                key = f"diag_hybrid_{name}" if name.startswith("token_") else f"diag_hybrid_sentence_{name}"
+                gens[key] = mk(max_new_tokens=n, batch_size=b, **kw)
         return gens
 
     pairs = [mk().prompts(q) for q in questions]

@@ -181,6 +181,19 @@ fixed-length runs (512 tokens, eos masked: the text after the answer is out of d
 rejected at their first token) "single_row" cost 5% at batch 1 (292 against 306 tokens/s). Hence "single_row" by
 default; on a GPU, where a step costs its launches more than its positions, it should pay more, but it was not
 measured there.
+
+Token-mode speculative steps (session 8; ``granularity="token"``, ``speculative`` not "off", a lone row with draft
+reuse, plain mode or the bias_only / random_vectors controls, not with ``record`` or a ``schedule``). Token mode
+decides before every token from the running mean of the current sentence, so one delta per verify forward would be
+wrong. But while the base writes the draft, the running mean at each position is known in advance: the draft's
+outputs are what the thinking model reads when those tokens are emitted (draft reuse keeps them). So at a sentence
+start the row's draft is verified in one base forward with, at position j, the delta of the decision made from the
+mean over the draft's first j tokens (each decided alone, as a one-token step would, so the rounding is the same),
+and each accepted token is tallied as a one-token step with its own decision. The positions stop before eos and
+before any that one-token steps would not reach inside the sentence (a cut, a retraction, a sentence still without
+a token of its own). The thinking model then takes the accepted tokens from the draft and reads only the base's
+own last token. Same tokens, decisions and stats (tested). Not with the oracle (it emits thinking tokens) nor
+random_behavior (its random draws would run ahead of the emitted tokens).
 """
 
 from __future__ import annotations
@@ -382,6 +395,13 @@ class SentenceStream:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    def fork(self) -> "SentenceStream":
+        """An independent copy sharing the tokenizer (token-mode speculative steps try tokens on it)."""
+        other = SentenceStream(self.tokenizer)
+        other.ids, other.text, other.ends = list(self.ids), self.text, list(self.ends)
+        other._final, other._read = self._final, self._read
+        return other
 
     def current(self) -> tuple[int, int, int]:
         """(cut, first, end): the char position where the current sentence begins and its member tokens
@@ -702,18 +722,23 @@ class HybridGenerator:
 
     def _emit_verified(self, r: _Row, a: int, cand: list[int], g_after: int | None, greedy_b: list[list[int]],
                        greedy_u: list[list[int]] | None, g_l: list, g_known: bool, steered: bool, bias: bool,
-                       cut: int) -> int:
+                       cut: int, lazy: bool = True, per_position: list[tuple[int, bool, bool]] | None = None) -> int:
         """Speculative step of row `r` (batch position `a`): the base was fed its last token and then the draft
         tokens `cand` in one forward at this sentence's delta. Emit the base's greedy token after each fed
         position while the previous one equalled the draft's, the row's sentence (its cut) stays the same, and it
         neither ends nor runs out of budget: exactly the tokens one-token steps would emit, since each of them is
         predicted from the same prefix with the same delta. Each emitted token is tallied as a one-token step
-        (its thinking greedy token: the draft's next one). Returns how many were emitted (>= 1)."""
+        (its thinking greedy token: the draft's next one). Token mode (`per_position`): position j had its own
+        decision (behavior, steered, bias), made from the running mean over the draft's tokens before it, and
+        counts as one. Returns how many were emitted (>= 1)."""
         for j in range(len(cand) + 1):
             tok = greedy_b[a][j]
             g = g_l[a] if j == 0 else (cand[j] if j < len(cand) else g_after)
+            if per_position is not None:
+                r.behavior, steered, bias = per_position[j]
+                r.counts["decisions"] += j > 0  # position 0's decision is counted where it was made
             self._tally(r, tok, steered, bias, None if greedy_u is None else greedy_u[a][j], g, j == 0 and not g_known)
-            if self._append(r, tok, lazy=True):
+            if self._append(r, tok, lazy=lazy):
                 return j + 1
             if (r.n_steps >= self.settings.max_new_tokens or j == len(cand) or tok != cand[j]
                     or r.stream.current()[0] != cut):
@@ -912,6 +937,11 @@ class HybridGenerator:
         reuse = (s.draft_reuse and s.draft == "sentence" and not retok and not record and not candidate
                  and s.control != "unsteered_rerank" and not shared)
         spec = spec and not shared
+        # token-mode speculative steps: a lone row (draft reuse: its draft stays in the cache) verifies its draft
+        # sentence with the decision one-token steps would make before each draft token (module doc). Not with the
+        # oracle (it emits thinking tokens) nor random_behavior (its random draws would run ahead of the tokens)
+        tspec = (s.granularity == "token" and s.speculative != "off" and reuse and schedule is None
+                 and self.decides and s.control in ("none", "bias_only", "random_vectors"))
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -932,6 +962,7 @@ class HybridGenerator:
             if not retok:
                 tcache = growing_cache(self.thinking.model.config)
                 reuse = reuse and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
+                tspec = tspec and reuse
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -1043,7 +1074,7 @@ class HybridGenerator:
                 tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
                 g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
                 draft_h = None
-                verify = spec and (A == 1 or s.speculative == "always")
+                verify = (spec and (A == 1 or s.speculative == "always")) or (tspec and A == 1)
                 cands: list[list[int]] = [[] for _ in arows]  # speculative: the draft tokens the base verifies
                 g_next: dict[int, int] = {}  # speculative: the thinking greedy token after a row's whole draft
                 pooled_rows, pooled = [], []
@@ -1120,6 +1151,12 @@ class HybridGenerator:
                     coef_sched = torch.tensor([float(c) for _, c in plan], device=bdev)
                 for r, b in zip(arows, behavior.tolist()):
                     r.behavior = b
+                pos_beh = None  # a token-mode speculative step: the behavior decided before each verified position
+                if tspec and A == 1 and cands[0]:
+                    pos_beh = self._token_positions(arows[0], int(orig[0]), state[0][0], cands[0], H,
+                                                    int(behavior[0]))
+                    cands[0] = cands[0][:len(pos_beh) - 1]
+                    g_next[0] = seqs[0][len(cands[0])]
                 beh_b = behavior.to(bdev)
                 is_active = beh_b >= 0
                 # shared drafts: the rows that write at this step (the others, drafting, get a masked hole)
@@ -1150,7 +1187,20 @@ class HybridGenerator:
                         delta = delta + bias_on[:, None, None] * self.bias
                     if candidate and s.unsteered_candidate:
                         delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
-                    if S == 2:  # interleave the unsteered rows (zero delta)
+                per_position = None
+                if pos_beh is not None:  # token-mode speculative step (one row): a delta per verified position
+                    pb = torch.tensor(pos_beh, device=bdev)
+                    p_vec = pb.ge(0) & (s.control != "bias_only")
+                    p_table = (arows[0].vectors if s.control == "random_vectors" else self.vectors)[pb.clamp(min=0)]
+                    p_bias = torch.ones_like(p_vec) if s.bias_always else p_vec
+                    if self.steers:  # the same arithmetic as the one-position delta above
+                        delta = cf[0, 0] * (p_table * p_vec[:, None])
+                        if self.bias is not None:
+                            delta = delta + p_bias[:, None] * self.bias
+                        delta = delta[None]  # [1, 1 + L, d]
+                    per_position = list(zip(pos_beh, (p_vec & (cf[0, 0] != 0) & self.steers).tolist(),
+                                            (p_bias & (self.bias is not None) & self.steers).tolist()))
+                if self.steers and S == 2:  # interleave the unsteered rows (zero delta)
                         delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
                 R = A * S
                 # the new base column of each row: 1, or 0 for a row that does not write (shared drafts)
@@ -1221,7 +1271,8 @@ class HybridGenerator:
                         continue
                     if L:
                         n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
-                                                             g_known[a], st_l[a], bias_l[a], state[a][0]))
+                                                             g_known[a], st_l[a], bias_l[a], state[a][0], lazy,
+                                                             per_position))
                         continue
                     self._tally(r, e_l[a], st_l[a], bias_l[a], None if u_l is None else u_l[a], g_l[a],
                                 not g_known[a])
@@ -1251,7 +1302,7 @@ class HybridGenerator:
                     bmask = torch.cat([bmask, (torch.arange(1 + L, device=bdev)[None] < n_t[:, None]).to(bmask.dtype)],
                                       1)
                     bpos = bpos + n_t
-                    e = torch.tensor([r.pend[-1] for r in arows], device=bdev)  # the next token to feed
+                    e = torch.tensor([greedy_b[a][n - 1] for a, n in enumerate(n_emitted)], device=bdev)  # next feed
                 done = [r.finished or r.n_steps >= s.max_new_tokens for r in arows]
                 if lazy and any(d and r.pending_u for d, r in zip(done, arows)):
                     catch_up()  # settle a leaving row's stats
@@ -1277,28 +1328,64 @@ class HybridGenerator:
                 feed = e
                 if step == s.max_new_tokens - 1 or retok or lazy:
                     continue
-                # ---- 4. the thinking model reads the emitted token
-                tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
+                # ---- 4. the thinking model reads the emitted token (a token-mode speculative step: the tokens)
                 r = rows[active[0]]  # a trail exists only for a lone row (draft reuse)
-                if r.trail is not None:
-                    k = r.trail_used
-                    if r.trail["fed"][k] == int(e[0]):  # the draft already read this token, at this position
-                        H[orig, step] = r.trail["h"][k].to(H.dtype)
-                        self._set_greedy(tlogits, 0, r.trail["after"][k])
-                        tpos = tpos + 1
-                        r.trail_used += 1
-                        if r.trail_used == len(r.trail["fed"]):
-                            r.trail = None
-                        continue
-                    self._crop(tcache, len(r.trail["fed"]) - k)  # the base left the draft: drop its unread rest
+                new = greedy_b[0][:n_emitted[0]] if L else ([int(e[0])] if r.trail is not None else None)
+                if new is None:
+                    tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
+                    tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
+                                            tcache)[:, -1].float()
+                    tpos = tpos + 1
+                    H[orig, torch.tensor([rows[i].n_steps - 1 for i in active], device=tdev)] = self._captured.to(
+                        H.dtype)
+                    continue
+                k, n0 = 0, r.n_steps - len(new)  # the tokens the draft already read, at these positions, are done
+                while r.trail is not None and k < len(new) and r.trail["fed"][r.trail_used] == new[k]:
+                    H[orig, n0 + k] = r.trail["h"][r.trail_used].to(H.dtype)
+                    self._set_greedy(tlogits, 0, r.trail["after"][r.trail_used])
+                    r.trail_used, k = r.trail_used + 1, k + 1
+                    if r.trail_used == len(r.trail["fed"]):
+                        r.trail = None
+                tmask = torch.cat([tmask, tmask.new_ones(1, len(new))], 1)
+                tpos = tpos + k
+                if k == len(new):
+                    continue
+                if r.trail is not None:  # the base left the draft: drop its unread rest
+                    self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
                     r.trail = None
-                tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
-                                        tcache)[:, -1].float()
-                tpos = tpos + 1
-                H[orig, step] = self._captured.to(H.dtype)
+                rest = new[k:]
+                self._captured = None
+                tlogits = self._forward(self.thinking, "prefix", torch.tensor([rest], device=tdev), tmask,
+                                        tpos[:, None] + torch.arange(len(rest), device=tdev), tcache)[:, -1].float()
+                tpos = tpos + len(rest)
+                H[orig, n0 + k: n0 + len(new)] = self._captured.to(H.dtype)
             for i in active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]
+
+    def _token_positions(self, r: _Row, o: int, cut: int, cand: list[int], H: Tensor, first_behavior: int
+                         ) -> list[int]:
+        """A token-mode speculative step of lone row `r` (batch row `o` of `H`) at a sentence start (`cut`): the
+        behavior that one-token steps would decide before each position of the verify forward, while the base
+        writes the draft's tokens `cand`. Position 0's is `first_behavior` (the draft's pooled decision); position
+        j pools the running mean of the sentence with the draft's first j tokens emitted, whose outputs are the
+        draft's (written into `H` where one-token steps would read them; later reads overwrite what the base does
+        not write). Stops before a position that one-token steps would not reach inside this sentence: after eos, or
+        where the sentence would change (a cut or a retraction, or still no token of its own: a new draft). The
+        caller verifies only the positions returned (the first len(result) - 1 draft tokens)."""
+        start = r.n_steps
+        H[o, start: start + len(cand)] = r.trail["h"][:len(cand)].to(H.dtype)
+        stream, behaviors = r.stream.fork(), [first_behavior]
+        for t in cand:
+            if t in self.eos_ids:
+                break
+            stream.append(t)
+            c, first, end = stream.current()
+            if c != cut or first == end:
+                break
+            behavior, _ = self._decide([r], H[o, first:end].float().mean(0)[None])  # one row: one-token rounding
+            behaviors.append(int(behavior[0]))
+        return behaviors
 
     @staticmethod
     def _crop(cache: Any, n: int) -> None:

@@ -603,6 +603,46 @@ def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vect
     assert any(r["changed_fraction"] > 0 for r in out["per_token"])  # the steering still acts
 
 
+@pytest.mark.parametrize("control", ["none", "bias_only", "random_vectors"])
+def test_token_mode_speculative_steps_equal_one_token_steps(lm, lm2, sae, vectors, control):
+    """Token mode decides at every token from the running mean of the current sentence. A lone row's speculative
+    step feeds the base its draft sentence in one forward with, at each position, the delta of the decision that
+    one-token steps would make there (the running mean over the draft's outputs). The same tokens, decisions and
+    stats as one-token steps, with rows that stop at an extra eos or run out of budget, and fewer base forwards;
+    the decisions do change inside sentences, so one delta per verify forward would not do."""
+    vecs, bias = vectors
+    weak = {k: v / 10 for k, v in vecs.items()}
+    out, calls, stop = {}, {}, None
+    for name, kw in (("per_token", dict(lazy_thinking=False, draft_reuse=False, record=True)),
+                     ("speculative", dict(speculative="single_row")), ("off", dict(speculative="off"))):
+        record = kw.pop("record", False)
+        hyb = make(lm2, lm, sae, weak, bias / 10, threshold=-1e9, max_new_tokens=60, batch_size=1,
+                   granularity="token", control=control, **kw)
+        ids = [hyb.prompts(q)[1] for q in QUESTIONS]
+        if stop is None:  # a token that only row 1 writes (after its 30th): row 1 stops early, the others run on
+            rows = [r["token_ids"] for r in hyb.generate_ids(ids, ids)]
+            stop = next(t for t in rows[1][30:] if t not in rows[0] + rows[2])
+        hyb.eos_ids = {lm.tokenizer.eos_token_id, stop}
+        n = [0]
+        hook = lm.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        try:
+            out[name] = hyb.generate_ids(ids, ids, record=record)
+        finally:
+            hook.remove()
+        calls[name] = n[0]
+    records = [r.pop("record") for r in out["per_token"]]
+    assert out["speculative"] == out["per_token"] == out["off"]
+    assert any(r["finished"] for r in out["per_token"]) and any(r["truncated"] for r in out["per_token"])
+    assert calls["speculative"] < 0.8 * calls["off"], calls
+    changes = 0  # decisions that change between two tokens of one sentence (not at its start)
+    for rec in records:
+        changes += sum(b0 != b1 for b0, b1, start in zip(rec["behavior"], rec["behavior"][1:], rec["at_start"][1:])
+                       if start is False)
+    assert changes > 0
+    if control != "bias_only":
+        assert any(r["changed_fraction"] > 0 for r in out["per_token"])  # the steering still acts
+
+
 def test_draft_reuse_at_batch_one_equals_one_token_steps(lm, lm2, sae, vectors):
     """A lone row drafts in the thinking cache itself; the next catch-up keeps the entries of the draft tokens the
     base then emitted (their outputs and greedy tokens are the draft's) and reads only the rest. Same tokens,
