@@ -1168,40 +1168,23 @@ class HybridGenerator:
                         continue
                     writing_t = torch.tensor(writing, device=bdev)
                 # ---- 2. steer: delta [A, K, d] for the steered rows
-                use_vec = is_active & (s.control != "bias_only")
-                if s.control == "random_vectors":  # each problem its own random vectors
-                    table = torch.stack([r.vectors[b] for r, b in zip(arows, beh_b.clamp(min=0).tolist())])
-                else:
-                    table = self.vectors[beh_b.clamp(min=0)]
-                vec = table * use_vec[:, None]  # [A, d]
                 if coef_sched is not None and not candidate:
                     cf = coef_sched[:, None]  # [A, 1]
                 else:
                     cf = coefs[None, :].expand(A, -1)  # [A, Kc]
-                delta = None
-                bias_on = torch.zeros(A, dtype=torch.bool, device=bdev)
-                if self.steers:
-                    delta = cf[:, :, None] * vec[:, None, :]  # [A, Kc, d]
-                    if self.bias is not None:
-                        bias_on = torch.ones_like(bias_on) if s.bias_always else use_vec
-                        delta = delta + bias_on[:, None, None] * self.bias
-                    if candidate and s.unsteered_candidate:
-                        delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
+                tables = [r.vectors for r in arows] if s.control == "random_vectors" else None
+                delta, use_vec, bias_on = self._deltas(beh_b, cf, tables)  # [A, Kc, d], [A], [A]
+                if candidate and s.unsteered_candidate and delta is not None:
+                    delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
                 per_position = None
                 if pos_beh is not None:  # token-mode speculative step (one row): a delta per verified position
-                    pb = torch.tensor(pos_beh, device=bdev)
-                    p_vec = pb.ge(0) & (s.control != "bias_only")
-                    p_table = (arows[0].vectors if s.control == "random_vectors" else self.vectors)[pb.clamp(min=0)]
-                    p_bias = torch.ones_like(p_vec) if s.bias_always else p_vec
-                    if self.steers:  # the same arithmetic as the one-position delta above
-                        delta = cf[0, 0] * (p_table * p_vec[:, None])
-                        if self.bias is not None:
-                            delta = delta + p_bias[:, None] * self.bias
-                        delta = delta[None]  # [1, 1 + L, d]
+                    p_delta, p_vec, p_bias = self._deltas(torch.tensor(pos_beh, device=bdev), cf[:1].expand(
+                        len(pos_beh), -1), None if tables is None else tables * len(pos_beh))
+                    delta = None if p_delta is None else p_delta[:, 0][None]  # [1, 1 + L, d]
                     per_position = list(zip(pos_beh, (p_vec & (cf[0, 0] != 0) & self.steers).tolist(),
                                             (p_bias & (self.bias is not None) & self.steers).tolist()))
-                if self.steers and S == 2:  # interleave the unsteered rows (zero delta)
-                        delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
+                if delta is not None and S == 2:  # interleave the unsteered rows (zero delta)
+                    delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
                 R = A * S
                 # the new base column of each row: 1, or 0 for a row that does not write (shared drafts)
                 col = (bmask.new_ones(R, 1) if writing is None else
@@ -1329,39 +1312,68 @@ class HybridGenerator:
                 if step == s.max_new_tokens - 1 or retok or lazy:
                     continue
                 # ---- 4. the thinking model reads the emitted token (a token-mode speculative step: the tokens)
-                r = rows[active[0]]  # a trail exists only for a lone row (draft reuse)
-                new = greedy_b[0][:n_emitted[0]] if L else ([int(e[0])] if r.trail is not None else None)
-                if new is None:
-                    tmask = torch.cat([tmask, tmask.new_ones(len(active), 1)], 1)
-                    tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
-                                            tcache)[:, -1].float()
-                    tpos = tpos + 1
-                    H[orig, torch.tensor([rows[i].n_steps - 1 for i in active], device=tdev)] = self._captured.to(
-                        H.dtype)
-                    continue
-                k, n0 = 0, r.n_steps - len(new)  # the tokens the draft already read, at these positions, are done
-                while r.trail is not None and k < len(new) and r.trail["fed"][r.trail_used] == new[k]:
-                    H[orig, n0 + k] = r.trail["h"][r.trail_used].to(H.dtype)
-                    self._set_greedy(tlogits, 0, r.trail["after"][r.trail_used])
-                    r.trail_used, k = r.trail_used + 1, k + 1
-                    if r.trail_used == len(r.trail["fed"]):
-                        r.trail = None
-                tmask = torch.cat([tmask, tmask.new_ones(1, len(new))], 1)
-                tpos = tpos + k
-                if k == len(new):
-                    continue
-                if r.trail is not None:  # the base left the draft: drop its unread rest
-                    self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
-                    r.trail = None
-                rest = new[k:]
-                self._captured = None
-                tlogits = self._forward(self.thinking, "prefix", torch.tensor([rest], device=tdev), tmask,
-                                        tpos[:, None] + torch.arange(len(rest), device=tdev), tcache)[:, -1].float()
-                tpos = tpos + len(rest)
-                H[orig, n0 + k: n0 + len(new)] = self._captured.to(H.dtype)
+                tmask, tpos, tlogits = self._read_emitted([rows[i] for i in active], greedy_b[0][:n_emitted[0]] if L
+                                                          else None, e, tcache, tmask, tpos, tlogits, H, orig)
             for i in active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]
+
+    def _deltas(self, behavior: Tensor, cf: Tensor, tables: list[Tensor] | None
+                ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Steering of n rows with `behavior` [n] (-1: none) at coefficients `cf` [n, Kc]: the deltas [n, Kc, d]
+        (None where nothing ever steers the base), whether each row gets its behavior vector [n], and whether it
+        gets the bias [n] (meaningful only with a bias). `tables`: each row's own vectors (random_vectors)."""
+        use_vec = behavior.ge(0) & (self.settings.control != "bias_only")
+        index = behavior.clamp(min=0)
+        if tables is not None:
+            table = torch.stack([t[b] for t, b in zip(tables, index.tolist())])
+        else:
+            table = self.vectors[index]
+        bias_on = torch.zeros_like(use_vec)
+        if not self.steers:
+            return None, use_vec, bias_on
+        delta = cf[:, :, None] * (table * use_vec[:, None])[:, None, :]  # [n, Kc, d]
+        if self.bias is not None:
+            bias_on = torch.ones_like(bias_on) if self.settings.bias_always else use_vec
+            delta = delta + bias_on[:, None, None] * self.bias
+        return delta, use_vec, bias_on
+
+    def _read_emitted(self, arows: list[_Row], verified: list[int] | None, e: Tensor, tcache: Any, tmask: Tensor,
+                      tpos: Tensor, tlogits: Tensor, H: Tensor, orig: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The one-token path (no lazy thinking): the thinking model reads what each row emitted at this step, `e`
+        [A] (a lone row's token-mode speculative step: the tokens `verified`), storing its block-`sae_layer`
+        outputs in `H` and its logits in the returned (tmask, tpos, tlogits). A lone row whose draft is in the cache
+        (draft reuse) takes the tokens the draft already read from it and reads only the rest, after cropping the
+        draft's unread tokens."""
+        tdev = tmask.device
+        r = arows[0]  # a trail exists only for a lone row
+        new = verified if verified is not None else ([int(e[0])] if r.trail is not None else None)
+        if new is None:
+            tmask = torch.cat([tmask, tmask.new_ones(len(arows), 1)], 1)
+            tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
+                                    tcache)[:, -1].float()
+            H[orig, torch.tensor([x.n_steps - 1 for x in arows], device=tdev)] = self._captured.to(H.dtype)
+            return tmask, tpos + 1, tlogits
+        k, n0 = 0, r.n_steps - len(new)  # the tokens the draft already read, at these positions, are done
+        while r.trail is not None and k < len(new) and r.trail["fed"][r.trail_used] == new[k]:
+            H[orig, n0 + k] = r.trail["h"][r.trail_used].to(H.dtype)
+            self._set_greedy(tlogits, 0, r.trail["after"][r.trail_used])
+            r.trail_used, k = r.trail_used + 1, k + 1
+            if r.trail_used == len(r.trail["fed"]):
+                r.trail = None
+        tmask = torch.cat([tmask, tmask.new_ones(1, len(new))], 1)
+        tpos = tpos + k
+        if k == len(new):
+            return tmask, tpos, tlogits
+        if r.trail is not None:  # the base left the draft: drop its unread rest
+            self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
+            r.trail = None
+        rest = new[k:]
+        self._captured = None
+        tlogits = self._forward(self.thinking, "prefix", torch.tensor([rest], device=tdev), tmask,
+                                tpos[:, None] + torch.arange(len(rest), device=tdev), tcache)[:, -1].float()
+        H[orig, n0 + k: n0 + len(new)] = self._captured.to(H.dtype)
+        return tmask, tpos + len(rest), tlogits
 
     def _token_positions(self, r: _Row, o: int, cut: int, cand: list[int], H: Tensor, first_behavior: int
                          ) -> list[int]:
