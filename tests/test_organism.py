@@ -418,6 +418,26 @@ def test_short_training_lowers_loss_and_saves(tmp_path, tok):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "base")).encode("Step: 1 + 2 = 3.") == tok.encode("Step: 1 + 2 = 3.")
 
 
+def test_run_seed_changes_the_weights_reproducibly_and_is_recorded(tmp_path):
+    """`organism.train --run-seed N` seeds the init and the training stream only: two runs with the same run seed
+    give the same weights, another run seed other weights; the log and config say which seeds were used."""
+    from safetensors.torch import load_file
+
+    from sae_reasoning.organism.train import main
+
+    common = ["--only", "base", "--steps-base", "2", "--threads", "1", "--no-progress"]
+    logs = {name: main(["--out", str(tmp_path / name), *common, *extra])
+            for name, extra in (("a", []), ("b", ["--run-seed", "1"]), ("c", ["--run-seed", "1"]))}
+    w = {name: load_file(str(tmp_path / name / "base" / "model.safetensors")) for name in logs}
+    assert w["b"].keys() == w["a"].keys()
+    assert all(torch.equal(w["b"][k], w["c"][k]) for k in w["b"])
+    assert any(not torch.equal(w["a"][k], w["b"][k]) for k in w["a"])
+    assert (logs["a"]["seed"], logs["a"]["run_seed"], logs["b"]["seed"], logs["b"]["run_seed"]) == (0, None, 0, 1)
+    assert [logs[n]["models"]["base"]["config"]["seed"] for n in "abc"] == [0, 1, 1]
+    assert [logs[n]["models"]["base"]["config"]["data_seed"] for n in "abc"] == [0, 1, 1]
+    assert json.loads((tmp_path / "b" / "train_log.json").read_text())["run_seed"] == 1
+
+
 def test_data_export_carries_labels(tmp_path):
     from sae_reasoning.organism.data import export
 
