@@ -7,7 +7,7 @@
 # Writes into $OUT (flat, <= 8 files): hybrid.json, sae_grid.json, extractor.json, steering.json, gpu_check.log and,
 # when time is left, hybrid256.json (N=256, the rest of the issue's settings), hybrid_profile.json (a short
 # `--profile` run: forward counts, cProfile, torch ops on the GPU) and hybrid_shared.json (shared drafts and
-# speculative steps against their defaults). Ends with summarize.py's markdown table.
+# speculative steps, in sentence and token mode, against their defaults). Ends with summarize.py's markdown table.
 #
 # Packages the GPU machine lacks (hydra-core/omegaconf/antlr4, transformers 5.23.0, sae-lens and what it imports)
 # travel as wheels in .whl/ (a carried, git-ignored folder); they are installed to $SITE (default /tmp/site) and put
@@ -121,7 +121,7 @@ EOF
     run steering bench_steering 200 "${Q[@]}" --n-train 8 --n-val 4 --epochs 1 --repeats 1
     optional hybrid256 bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 1,2 --no-diag --ref-checkpoints 2 --ref-live 1 --no-profile
     optional hybrid_profile bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --no-diag --ref-checkpoints 2 --ref-live 1 --profile
-    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   else
     # hybrid at the targets' N (512), both batch sizes; without its automatic profile (it would re-run the
     # 512 x 16 hybrid twice more, ~1 min): the short profile run below gives the same breakdown when time allows
@@ -133,7 +133,7 @@ EOF
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     optional hybrid_profile bench_hybrid 75 --tokens 64 --batches 16 --no-diag --ref-checkpoints 2 --ref-live 0 --profile
     # session 6's untested-on-GPU knobs: shared drafts (batch 16) and speculative steps off vs on (batch 1)
-    optional hybrid_shared bench_hybrid 150 --tokens 256 --batches 1,16 --diag shared_drafts,no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 150 --tokens 256 --batches 1,16 --diag shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary
