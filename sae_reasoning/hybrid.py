@@ -208,7 +208,7 @@ import random
 import warnings
 import zlib
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -491,6 +491,19 @@ class _Draft:
 
 class _Stop(Exception):
     """Raised by the capture hook during a draft step: nothing after block sae_layer is needed."""
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """The paths a batch takes (`HybridGenerator._paths`; module doc)."""
+    candidate: bool  # candidate mode (the paper's): K candidates scored by the thinking model
+    S: int  # base rows per problem: steered (+ unsteered, for changed_fraction / disagreement_rate)
+    K: int  # base query positions a step (candidates)
+    lazy: bool  # lazy thinking
+    spec: bool  # speculative steps (sentence mode)
+    shared: bool  # shared drafts
+    reuse: bool  # draft reuse
+    tspec: bool  # token-mode speculative steps
 
 
 @dataclass
@@ -905,9 +918,7 @@ class HybridGenerator:
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
                    schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
-        from transformers.cache_utils import DynamicLayer
-
-        from sae_reasoning.kv_cache import GrowingLayer, growing_cache
+        from sae_reasoning.kv_cache import growing_cache
 
         s = self.settings
         bdev, tdev = self.base.device, self.thinking.device
@@ -919,34 +930,13 @@ class HybridGenerator:
                      rng=random.Random(s.seed * 1_000_003 + key),
                      vectors=self.random_vectors(key) if s.control == "random_vectors" else None)
                 for i, key in zip(indices, keys)]
-        candidate = s.candidate_mode and s.control not in ("oracle", "unsteered_rerank")
-        S = 2 if (self.steers and s.track_unsteered) else 1  # base rows per problem: steered (+ unsteered)
-        K = s.n_candidates if candidate else 1
+        candidate, S, K, lazy, spec, shared, reuse, tspec = astuple(self._paths(B, record, schedule is not None))
         C = s.rerank_top_c or s.n_candidates
         coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
         retok = self.retokenize  # the thinking model reads re-encoded text at decisions only: no cache, no H
         H = None if retok else torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype,
                                            device=tdev)
         orig = torch.arange(B, device=tdev)  # active position -> batch row (for H)
-        # Lazy thinking: in sentence mode (plain, bias_only, random_*) the thinking model's state is needed only where
-        # a row decides (its draft, or H for a sentence that already has tokens) and for the disagreement stat, which
-        # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
-        lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
-                and s.control not in ("oracle", "unsteered_rerank"))
-        spec = lazy and s.speculative != "off" and s.draft == "sentence" and schedule is None
-        # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
-        shared = lazy and s.shared_drafts and s.draft == "sentence" and schedule is None and B > 1 and self.decides
-        # draft reuse (module doc): a lone row drafts in place; its catch-up (lazy) or its one-token reads (token
-        # mode) skip what the draft already read. Only where the thinking logits serve no more than their argmax
-        # (lazy thinking implies every condition but the draft's), and for plain caches (crop is exact there)
-        reuse = (s.draft_reuse and s.draft == "sentence" and not retok and not record and not candidate
-                 and s.control != "unsteered_rerank" and not shared)
-        spec = spec and not shared
-        # token-mode speculative steps: a lone row (draft reuse: its draft stays in the cache) verifies its draft
-        # sentence with the decision one-token steps would make before each draft token (module doc). Not with the
-        # oracle (it emits thinking tokens) nor random_behavior (its random draws would run ahead of the tokens)
-        tspec = (s.granularity == "token" and s.speculative != "off" and reuse and schedule is None
-                 and self.decides and s.control in ("none", "bias_only", "random_vectors"))
 
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
@@ -966,8 +956,6 @@ class HybridGenerator:
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache = growing_cache(self.thinking.model.config)
-                reuse = reuse and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers)
-                tspec = tspec and reuse
                 ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
                 tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
                 tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
@@ -1342,6 +1330,39 @@ class HybridGenerator:
             bias_on = torch.ones_like(bias_on) if self.settings.bias_always else use_vec
             delta = delta + bias_on[:, None, None] * self.bias
         return delta, use_vec, bias_on
+
+    def _paths(self, B: int, record: bool, scheduled: bool) -> "_Paths":
+        """Which of the decoder's paths a batch of `B` rows takes (module doc), from the settings, `record` and
+        whether a `schedule` replaces the decisions."""
+        from transformers.cache_utils import DynamicLayer
+
+        from sae_reasoning.kv_cache import GrowingLayer, growing_cache
+
+        s, retok = self.settings, self.retokenize
+        candidate = s.candidate_mode and s.control not in ("oracle", "unsteered_rerank")
+        # Lazy thinking: in sentence mode (plain, bias_only, random_*) the thinking model's state is needed only where
+        # a row decides (its draft, or H for a sentence that already has tokens) and for the disagreement stat, which
+        # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
+        lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
+                and s.control not in ("oracle", "unsteered_rerank"))
+        # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
+        shared = lazy and s.shared_drafts and s.draft == "sentence" and not scheduled and B > 1 and self.decides
+        spec = lazy and s.speculative != "off" and s.draft == "sentence" and not scheduled and not shared
+        # draft reuse: a lone row drafts in place; its catch-up (lazy) or its one-token reads (token mode) skip what
+        # the draft already read. Only where the thinking logits serve no more than their argmax (lazy thinking
+        # implies every condition but the draft's), and for plain caches (crop is exact there)
+        reuse = (s.draft_reuse and s.draft == "sentence" and not retok and not record and not candidate
+                 and s.control != "unsteered_rerank" and not shared
+                 and all(type(layer) in (DynamicLayer, GrowingLayer)
+                         for layer in growing_cache(self.thinking.model.config).layers))
+        # token-mode speculative steps: a lone row (draft reuse: its draft stays in the cache) verifies its draft
+        # sentence with the decision one-token steps would make before each draft token. Not with the oracle (it
+        # emits thinking tokens) nor random_behavior (its random draws would run ahead of the tokens)
+        tspec = (s.granularity == "token" and s.speculative != "off" and reuse and not scheduled
+                 and self.decides and s.control in ("none", "bias_only", "random_vectors"))
+        return _Paths(candidate=candidate, S=2 if (self.steers and s.track_unsteered) else 1,
+                      K=s.n_candidates if candidate else 1, lazy=lazy, spec=spec, shared=shared, reuse=reuse,
+                      tspec=tspec)
 
     def _read_emitted(self, arows: list[_Row], verified: list[int] | None, e: Tensor, tcache: Any, tmask: Tensor,
                       tpos: Tensor, tlogits: Tensor, H: Tensor, orig: Tensor) -> tuple[Tensor, Tensor, Tensor]:
