@@ -918,8 +918,6 @@ class HybridGenerator:
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
                    schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
-        from sae_reasoning.kv_cache import growing_cache
-
         s = self.settings
         bdev, tdev = self.base.device, self.thinking.device
         B = len(indices)
@@ -941,26 +939,10 @@ class HybridGenerator:
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
             stack.enter_context(add_to_resid_post(self.base.model, self.steering_layer, self._hook_steer))
-            # Base: prefill all but the last prompt token (no steering there); the last one is fed at step 0.
-            bcache = growing_cache(self.base.model.config)
-            ids, bmask = self._left_pad([x[:-1] for x in base_ids], self.pad_id, bdev)
-            bpos = (bmask.cumsum(-1) - 1).clamp(min=0)
-            if ids.shape[1] > 0:
-                self._forward(self.base, "prefill", ids, bmask, bpos, bcache, logits_to_keep=1)
-            bpos = bmask.sum(-1)  # the next position of each row = its number of real tokens
-            if S == 2:
-                bcache.batch_repeat_interleave(2)
-                bmask, bpos = bmask.repeat_interleave(2, 0), bpos.repeat_interleave(2, 0)
-            feed = torch.tensor([x[-1] for x in base_ids], device=bdev)
-            # Thinking: prefill the whole chat prompt; its last logits give the first thinking greedy token.
+            bcache, bmask, bpos, feed = self._prefill_base(base_ids, S)
             tcache = tmask = tpos = tlogits = None
             if not retok:
-                tcache = growing_cache(self.thinking.model.config)
-                ids, tmask = self._left_pad(think_ids, self.pad_id, tdev)
-                tpos = (tmask.cumsum(-1) - 1).clamp(min=0)
-                tlogits = self._forward(self.thinking, "think", ids, tmask, tpos, tcache,
-                                        logits_to_keep=1)[:, -1].float()
-                tpos = tmask.sum(-1)
+                tcache, tmask, tpos, tlogits = self._prefill_thinking(think_ids)
             active = list(range(B))  # batch rows still decoding, in cache order
 
             def catch_up(readers: list[int] | None = None) -> None:
@@ -1330,6 +1312,34 @@ class HybridGenerator:
             bias_on = torch.ones_like(bias_on) if self.settings.bias_always else use_vec
             delta = delta + bias_on[:, None, None] * self.bias
         return delta, use_vec, bias_on
+
+    def _prefill_base(self, base_ids: list[list[int]], S: int) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """The base reads every prompt but its last token (no steering there; the last one is fed at step 0), left
+        padded, each row twice when S == 2 (steered, unsteered). Returns (cache, mask, next positions, feed)."""
+        from sae_reasoning.kv_cache import growing_cache
+
+        bdev = self.base.device
+        cache = growing_cache(self.base.model.config)
+        ids, mask = self._left_pad([x[:-1] for x in base_ids], self.pad_id, bdev)
+        if ids.shape[1] > 0:
+            self._forward(self.base, "prefill", ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache,
+                          logits_to_keep=1)
+        pos = mask.sum(-1)  # the next position of each row = its number of real tokens
+        if S == 2:
+            cache.batch_repeat_interleave(2)
+            mask, pos = mask.repeat_interleave(2, 0), pos.repeat_interleave(2, 0)
+        return cache, mask, pos, torch.tensor([x[-1] for x in base_ids], device=bdev)
+
+    def _prefill_thinking(self, think_ids: list[list[int]]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """The thinking model reads each whole chat prompt (left padded). Returns (cache, mask, next positions, the
+        last logits [B, V], whose argmax is the first thinking greedy token)."""
+        from sae_reasoning.kv_cache import growing_cache
+
+        cache = growing_cache(self.thinking.model.config)
+        ids, mask = self._left_pad(think_ids, self.pad_id, self.thinking.device)
+        logits = self._forward(self.thinking, "think", ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache,
+                               logits_to_keep=1)
+        return cache, mask, mask.sum(-1), logits[:, -1].float()
 
     def _paths(self, B: int, record: bool, scheduled: bool) -> "_Paths":
         """Which of the decoder's paths a batch of `B` rows takes (module doc), from the settings, `record` and
