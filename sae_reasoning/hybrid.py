@@ -945,72 +945,6 @@ class HybridGenerator:
                 tcache, tmask, tpos, tlogits = self._prefill_thinking(think_ids)
             active = list(range(B))  # batch rows still decoding, in cache order
 
-            def catch_up(readers: list[int] | None = None) -> None:
-                """Lazy thinking: every row (or the rows `readers`) reads its pending tokens (`_Row.pend`) in one
-                forward; rows with fewer (speculative steps emit several tokens) are padded with masked positions,
-                which stay in the cache as holes. Settles the disagreement stat of the tokens whose thinking greedy
-                token was not known yet. Draft reuse: a row whose draft was left in the cache (`_Row.trail`) keeps
-                the entries of the draft's tokens that it then emitted (the longest common prefix; their outputs and
-                greedy tokens are the draft's) and reads only the rest; with nothing left to read no forward runs
-                at all. Shared drafts: every row that is drafting (`_Row.draft`) feeds its next draft token in the
-                same forward, at the position after its draft's previous tokens (`tpos` counts read tokens only)."""
-                nonlocal tmask, tpos, tlogits
-                reading = [readers is None or a in readers for a in range(len(active))]
-                drafting = [rows[i].draft is not None and rows[i].draft.pooled is None
-                            and len(rows[i].draft.fed) < s.draft_max_tokens for i in active]
-                reused = [0] * len(active)
-                for a, i in enumerate(active):
-                    r = rows[i]
-                    if r.trail is not None and reading[a]:
-                        fed, m = r.trail["fed"], 0
-                        while m < min(len(fed), len(r.pend)) and fed[m] == r.pend[m]:
-                            m += 1
-                        self._crop(tcache, len(fed) - m)  # only a lone row drafts in place: the cache is its own
-                        reused[a] = m
-                if any(reused):
-                    m_t = torch.tensor(reused, device=tdev)
-                    tmask = torch.cat([tmask, tmask.new_ones(len(active), max(reused))], 1)
-                    tpos = tpos + m_t
-                feeds = [rows[i].pend[m:] if rd else ([rows[i].dnext] if dr else [])
-                         for i, m, rd, dr in zip(active, reused, reading, drafting)]
-                n_new = [len(f) if rd else 0 for f, rd in zip(feeds, reading)]
-                p = max(len(f) for f in feeds)
-                greedy = [[] for _ in active]  # [a][j]: the thinking greedy token after the row's j-th fed token
-                if p:
-                    ids, chunk = self._right_pad(feeds, p, self.pad_id, tdev)
-                    col = tmask.shape[1]
-                    tmask = torch.cat([tmask, chunk], 1)
-                    offset = torch.tensor([len(rows[i].draft.fed) if dr else 0 for i, dr in zip(active, drafting)],
-                                          device=tdev)
-                    self._captured = None
-                    logits = self._forward(self.thinking, "prefix", ids, tmask,
-                                           (tpos + offset)[:, None] + torch.arange(p, device=tdev), tcache).float()
-                    hidden = self._captured.to(H.dtype)
-                    n_t = torch.tensor(n_new, device=tdev)
-                    last = logits[torch.arange(len(active), device=tdev), (n_t - 1).clamp(min=0)]
-                    tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
-                    tpos = tpos + n_t
-                    greedy = logits.argmax(-1).tolist()
-                for a, (i, n, m, o) in enumerate(zip(active, n_new, reused, orig.tolist())):
-                    r = rows[i]
-                    if drafting[a]:  # shared drafts: one more draft token
-                        r.draft.feed(r.dnext, hidden[a, 0].float())
-                        r.dcols.append(col)
-                        r.dnext = greedy[a][0]
-                        continue
-                    if not reading[a]:
-                        continue
-                    after = (r.trail["after"][:m] if m else []) + greedy[a][:n]
-                    start = r.n_steps - n - m
-                    if m:
-                        H[o, start: start + m] = r.trail["h"][:m].to(H.dtype)
-                        if not n:  # nothing read: the greedy token after the last reused one is the draft's
-                            self._set_greedy(tlogits, a, after[-1])
-                    if n:
-                        H[o, start + m: r.n_steps] = hidden[a, :n]
-                    r.counts["disagree"] += sum(u_ != after[j - 1] for j, u_ in r.pending_u)
-                    r.pend, r.pending_u, r.trail = [], [], None
-
             # shared drafts: a step may only read or draft, so a row's steps are bounded by a read and a whole
             # draft before each token
             for step in range(s.max_new_tokens * (s.draft_max_tokens + 2) if shared else s.max_new_tokens):
@@ -1034,7 +968,7 @@ class HybridGenerator:
                     # wide, so the cache grows by one column a step, not by the longest backlog)
                     readers = [a for a, r in enumerate(arows) if r.pend]
                     if readers or any(r.draft is not None for r in arows):
-                        catch_up(readers)
+                        tmask, tpos, tlogits = self._catch_up(arows, orig, readers, tcache, tmask, tpos, tlogits, H)
                     for a, r in enumerate(arows):
                         if a in readers and need[a] and starts[a]:  # read: its draft starts at the next step
                             start_draft(a)
@@ -1044,7 +978,7 @@ class HybridGenerator:
                             tmask[a, r.dcols] = 0  # the draft's entries become holes
                     need = [n and r.draft is None for n, r in zip(need, arows)]  # drafting rows decide later
                 elif lazy and any(need) and any(r.pend or r.trail for r in arows):
-                    catch_up()
+                    tmask, tpos, tlogits = self._catch_up(arows, orig, None, tcache, tmask, tpos, tlogits, H)
                 g_known = [not r.pend for r in arows]  # lazy: this step's thinking greedy token known once caught up
                 tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
                 g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
@@ -1263,7 +1197,8 @@ class HybridGenerator:
                     e = torch.tensor([greedy_b[a][n - 1] for a, n in enumerate(n_emitted)], device=bdev)  # next feed
                 done = [r.finished or r.n_steps >= s.max_new_tokens for r in arows]
                 if lazy and any(d and r.pending_u for d, r in zip(done, arows)):
-                    catch_up()  # settle a leaving row's stats
+                    # settle a leaving row's stats
+                    tmask, tpos, tlogits = self._catch_up(arows, orig, None, tcache, tmask, tpos, tlogits, H)
                 # ---- drop finished (and truncated) rows
                 keep = [a for a, d in enumerate(done) if not d]
                 for d in done:
@@ -1373,6 +1308,71 @@ class HybridGenerator:
         return _Paths(candidate=candidate, S=2 if (self.steers and s.track_unsteered) else 1,
                       K=s.n_candidates if candidate else 1, lazy=lazy, spec=spec, shared=shared, reuse=reuse,
                       tspec=tspec)
+
+    def _catch_up(self, arows: list[_Row], orig: Tensor, readers: list[int] | None, tcache: Any, tmask: Tensor,
+                  tpos: Tensor, tlogits: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Lazy thinking: every row of `arows` (or those at the positions `readers`) reads its pending tokens
+        (`_Row.pend`) in one forward; rows with fewer (speculative steps emit several tokens) are padded with masked
+        positions, which stay in the cache as holes. Their block-`sae_layer` outputs go to `H` (row `orig[a]`).
+        Settles the disagreement stat of the tokens whose thinking greedy token was not known yet. Draft reuse: a
+        row whose draft was left in the cache (`_Row.trail`) keeps the entries of the draft's tokens that it then
+        emitted (the longest common prefix; their outputs and greedy tokens are the draft's) and reads only the
+        rest; with nothing left to read no forward runs at all. Shared drafts: every row that is drafting
+        (`_Row.draft`) feeds its next draft token in the same forward, at the position after its draft's previous
+        tokens (`tpos` counts read tokens only). Returns the new (tmask, tpos, tlogits)."""
+        s, tdev, A = self.settings, tmask.device, len(arows)
+        reading = [readers is None or a in readers for a in range(A)]
+        drafting = [r.draft is not None and r.draft.pooled is None and len(r.draft.fed) < s.draft_max_tokens
+                    for r in arows]
+        reused = [0] * A
+        for a, r in enumerate(arows):
+            if r.trail is not None and reading[a]:
+                fed, m = r.trail["fed"], 0
+                while m < min(len(fed), len(r.pend)) and fed[m] == r.pend[m]:
+                    m += 1
+                self._crop(tcache, len(fed) - m)  # only a lone row drafts in place: the cache is its own
+                reused[a] = m
+        if any(reused):
+            tmask = torch.cat([tmask, tmask.new_ones(A, max(reused))], 1)
+            tpos = tpos + torch.tensor(reused, device=tdev)
+        feeds = [r.pend[m:] if rd else ([r.dnext] if dr else [])
+                 for r, m, rd, dr in zip(arows, reused, reading, drafting)]
+        n_new = [len(f) if rd else 0 for f, rd in zip(feeds, reading)]
+        p = max(len(f) for f in feeds)
+        greedy = [[] for _ in arows]  # [a][j]: the thinking greedy token after the row's j-th fed token
+        if p:
+            ids, chunk = self._right_pad(feeds, p, self.pad_id, tdev)
+            col = tmask.shape[1]
+            tmask = torch.cat([tmask, chunk], 1)
+            offset = torch.tensor([len(r.draft.fed) if dr else 0 for r, dr in zip(arows, drafting)], device=tdev)
+            self._captured = None
+            logits = self._forward(self.thinking, "prefix", ids, tmask,
+                                   (tpos + offset)[:, None] + torch.arange(p, device=tdev), tcache).float()
+            hidden = self._captured.to(H.dtype)
+            n_t = torch.tensor(n_new, device=tdev)
+            last = logits[torch.arange(A, device=tdev), (n_t - 1).clamp(min=0)]
+            tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
+            tpos = tpos + n_t
+            greedy = logits.argmax(-1).tolist()
+        for a, (r, n, m, o) in enumerate(zip(arows, n_new, reused, orig.tolist())):
+            if drafting[a]:  # shared drafts: one more draft token
+                r.draft.feed(r.dnext, hidden[a, 0].float())
+                r.dcols.append(col)
+                r.dnext = greedy[a][0]
+                continue
+            if not reading[a]:
+                continue
+            after = (r.trail["after"][:m] if m else []) + greedy[a][:n]
+            start = r.n_steps - n - m
+            if m:
+                H[o, start: start + m] = r.trail["h"][:m].to(H.dtype)
+                if not n:  # nothing read: the greedy token after the last reused one is the draft's
+                    self._set_greedy(tlogits, a, after[-1])
+            if n:
+                H[o, start + m: r.n_steps] = hidden[a, :n]
+            r.counts["disagree"] += sum(u_ != after[j - 1] for j, u_ in r.pending_u)
+            r.pend, r.pending_u, r.trail = [], [], None
+        return tmask, tpos, tlogits
 
     def _read_emitted(self, arows: list[_Row], verified: list[int] | None, e: Tensor, tcache: Any, tmask: Tensor,
                       tpos: Tensor, tlogits: Tensor, H: Tensor, orig: Tensor) -> tuple[Tensor, Tensor, Tensor]:

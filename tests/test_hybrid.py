@@ -625,7 +625,8 @@ def test_token_mode_speculative_steps_equal_one_token_steps(lm, lm2, sae, vector
         ids = [hyb.prompts(q)[1] for q in QUESTIONS]
         if stop is None:  # tokens row 2 never writes: rows 0 and 1 stop early, row 2 runs on alone to its budget
             rows = [r["token_ids"] for r in hyb.generate_ids(ids, ids)]
-            stop = {next(t for t in rows[1][30:] if t not in rows[2]), next(t for t in rows[0][10:] if t not in rows[2])}
+            stop = {next(t for t in rows[1][30:] if t not in rows[2]),
+                    next(t for t in rows[0][10:] if t not in rows[2])}
         hyb.eos_ids = {lm.tokenizer.eos_token_id, *stop}
         n = [0]
         hook = lm.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
