@@ -260,6 +260,17 @@ def _positive(value: Any, name: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value}: must be {bound}")
 
 
+def behavior_scales_problem(scales: Any) -> str | None:
+    """The line refusing a `hybrid.behavior_scales` value that is not a finite number >= 0, or None. Keys are not
+    checked here: eval.py resolves titles later (hybrid_stage), HybridGenerator takes latent indices. Used by this
+    module's `validate` and by `hybrid.HybridSettings.validate` (direct users of the generator)."""
+    for key, scale in dict(scales or {}).items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            return (f"hybrid.behavior_scales[{key}]={scale!r}: must be a number >= 0 (the multiplier of that "
+                    "behavior's vector)")
+    return None
+
+
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r}: choose one of {', '.join(choices)}")
@@ -359,10 +370,9 @@ def validate(cfg: Any) -> None:
     _choice(h.draft, "hybrid.draft", ("sentence", "token"))
     _positive(h.draft_max_tokens, "hybrid.draft_max_tokens")
     _choice(h.speculative, "hybrid.speculative", SPECULATIVE_MODES)
-    for key, scale in dict(h.behavior_scales).items():
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 <= scale < float("inf"):
-            raise ConfigError(f"hybrid.behavior_scales[{key}]={scale!r}: must be a number >= 0 (the multiplier of "
-                              "that behavior's vector)")
+    problem = behavior_scales_problem(h.behavior_scales)
+    if problem:
+        raise ConfigError(problem)
     if h.candidate_mode and not list(h.coefficients):
         raise ConfigError("hybrid.coefficients is empty: candidate mode needs at least one coefficient")
 

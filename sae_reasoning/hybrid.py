@@ -215,7 +215,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_reasoning.config import SPECULATIVE_MODES, HybridConfig
+from sae_reasoning.config import SPECULATIVE_MODES, HybridConfig, behavior_scales_problem
 from sae_reasoning.errors import UserError
 from sae_reasoning.hooks import add_to_resid_post
 from sae_reasoning.models import LoadedModel, thinking_prompt
@@ -311,9 +311,9 @@ class HybridSettings(HybridConfig):
             raise HybridError(f"hybrid.speculative={self.speculative!r}: must be one of {SPECULATIVE_MODES}")
         if self.rerank_top_c is not None and self.rerank_top_c < 1:
             raise HybridError(f"hybrid.rerank_top_c={self.rerank_top_c}: must be >= 1")
-        for key, scale in dict(self.behavior_scales or {}).items():  # keys: titles are fine here (eval.py's config)
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
-                raise HybridError(f"hybrid.behavior_scales[{key}]={scale!r}: must be a number >= 0")
+        problem = behavior_scales_problem(self.behavior_scales)  # keys: titles are fine here (eval.py's config)
+        if problem:
+            raise HybridError(problem)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -928,9 +928,6 @@ class HybridGenerator:
                      rng=random.Random(s.seed * 1_000_003 + key),
                      vectors=self.random_vectors(key) if s.control == "random_vectors" else None)
                 for i, key in zip(indices, keys)]
-        candidate, S, K, lazy, spec, shared, reuse, tspec = astuple(self._paths(B, record, schedule is not None))
-        C = s.rerank_top_c or s.n_candidates
-        coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
         retok = self.retokenize  # the thinking model reads re-encoded text at decisions only: no cache, no H
         H = None if retok else torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype,
                                            device=tdev)
@@ -939,10 +936,14 @@ class HybridGenerator:
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
             stack.enter_context(add_to_resid_post(self.base.model, self.steering_layer, self._hook_steer))
-            bcache, bmask, bpos, feed = self._prefill_base(base_ids, S)
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache, tmask, tpos, tlogits = self._prefill_thinking(think_ids)
+            candidate, S, K, lazy, spec, shared, reuse, tspec = astuple(
+                self._paths(B, record, schedule is not None, tcache))
+            C = s.rerank_top_c or s.n_candidates
+            coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
+            bcache, bmask, bpos, feed = self._prefill_base(base_ids, S)
             active = list(range(B))  # batch rows still decoding, in cache order
 
             # shared drafts: a step may only read or draft, so a row's steps are bounded by a read and a whole
@@ -1276,12 +1277,12 @@ class HybridGenerator:
                                logits_to_keep=1)
         return cache, mask, mask.sum(-1), logits[:, -1].float()
 
-    def _paths(self, B: int, record: bool, scheduled: bool) -> "_Paths":
-        """Which of the decoder's paths a batch of `B` rows takes (module doc), from the settings, `record` and
-        whether a `schedule` replaces the decisions."""
+    def _paths(self, B: int, record: bool, scheduled: bool, tcache: Any) -> "_Paths":
+        """Which of the decoder's paths a batch of `B` rows takes (module doc), from the settings, `record`, whether
+        a `schedule` replaces the decisions and the thinking cache `tcache` (None: re-tokenisation keeps none)."""
         from transformers.cache_utils import DynamicLayer
 
-        from sae_reasoning.kv_cache import GrowingLayer, growing_cache
+        from sae_reasoning.kv_cache import GrowingLayer
 
         s, retok = self.settings, self.retokenize
         candidate = s.candidate_mode and s.control not in ("oracle", "unsteered_rerank")
@@ -1296,10 +1297,9 @@ class HybridGenerator:
         # draft reuse: a lone row drafts in place; its catch-up (lazy) or its one-token reads (token mode) skip what
         # the draft already read. Only where the thinking logits serve no more than their argmax (lazy thinking
         # implies every condition but the draft's), and for plain caches (crop is exact there)
-        reuse = (s.draft_reuse and s.draft == "sentence" and not retok and not record and not candidate
+        reuse = (s.draft_reuse and s.draft == "sentence" and tcache is not None and not record and not candidate
                  and s.control != "unsteered_rerank" and not shared
-                 and all(type(layer) in (DynamicLayer, GrowingLayer)
-                         for layer in growing_cache(self.thinking.model.config).layers))
+                 and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in tcache.layers))
         # token-mode speculative steps: a lone row (draft reuse: its draft stays in the cache) verifies its draft
         # sentence with the decision one-token steps would make before each draft token. Not with the oracle (it
         # emits thinking tokens) nor random_behavior (its random draws would run ahead of the tokens)
