@@ -331,6 +331,9 @@ def main() -> None:
     p.add_argument("--behavior-scales", default=None, metavar="KEY=S,...",
                    help="hybrid.behavior_scales with --artifacts (default step=0.25, the demo's)")
     args = p.parse_args()
+    unknown = sorted({x.strip() for x in (args.diag or "").split(",") if x.strip()} - set(DIAGS))
+    if unknown:
+        p.error(f"--diag {','.join(unknown)}: no such diagnostic run; choose from {','.join(DIAGS)}")
     device = C.setup(args)
     from sae_reasoning.hybrid import HybridGenerator, HybridSettings
     from sae_reasoning.organism import make_splits

@@ -48,3 +48,14 @@ def test_benchmark_prints_one_json_object(name, monkeypatch, capsys):
         assert row["tokens_generated"]["hybrid_sentence"] == row["tokens_generated"]["base_cached_loop"] == 12
         assert row["greedy_agree_hf_vs_loop"]
         assert {"hybrid_over_base", "hybrid_over_reference"} <= set(result["targets"])
+
+
+def test_hybrid_benchmark_names_an_unknown_diagnostic(monkeypatch, capsys):
+    """A misspelt --diag name is one line listing the real ones and exit 2, before any model is loaded; it used to
+    run no diagnostic at all, silently."""
+    with pytest.raises(SystemExit) as e:
+        run_script("bench_hybrid", ["--diag", "shared_drafts,token_nospec"], monkeypatch, capsys)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench_hybrid.py: error: --diag token_nospec: no such diagnostic run; choose from ")
+    assert "token_no_speculative" in err and "shared_drafts" in err
