@@ -4,7 +4,8 @@
 #   OUT=dir bash benchmarks/gpu_check.sh              # the GPU run: --device cuda, sizes below, python3
 #   OUT=dir bash benchmarks/gpu_check.sh --dry-run    # CPU check of this script: --device cpu --quick, toy sizes
 #
-# Writes into $OUT (flat, <= 8 files): hybrid.json, sae_grid.json, extractor.json, steering.json, gpu_check.log and,
+# Writes into $OUT (flat, <= 9 files): hybrid.json (batch 1), hybrid_b16.json, sae_grid.json, extractor.json,
+# steering.json, gpu_check.log and,
 # when time is left, hybrid256.json (N=256, the rest of the issue's settings), hybrid_profile.json (a short
 # `--profile` run: forward counts, cProfile, torch ops on the GPU) and hybrid_shared.json (shared drafts and
 # speculative steps, in sentence and token mode, against their defaults). Ends with summarize.py's markdown table.
@@ -33,7 +34,7 @@
 # Time: a global budget (BUDGET_S, default 420 s for the GPU run) — every benchmark runs under `timeout`, capped at
 # its own limit and at what is left of the budget; an optional run starts only if its whole limit still fits.
 # Environment knobs: OUT (required), PYTHON, SITE, BUDGET_S, THREADS (torch/OpenMP CPU threads, default 8 on GPU),
-# PARTS (the runs to make, default all: "hybrid sae_grid extractor steering hybrid256 hybrid_profile
+# PARTS (the runs to make, default all: "hybrid hybrid_b16 sae_grid extractor steering hybrid256 hybrid_profile
 # hybrid_shared"; a lease too short for all of them is split into two commands, e.g. PARTS="sae_grid extractor
 # steering" then PARTS=hybrid).
 set -uo pipefail
@@ -64,7 +65,7 @@ else
 fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS  # also sklearn's k-means (SAE data init)
 COMMON=(--device "$DEV" --threads "$THREADS")
-PARTS=" ${PARTS:-hybrid sae_grid extractor steering hybrid256 hybrid_profile hybrid_shared} "
+PARTS=" ${PARTS:-hybrid hybrid_b16 sae_grid extractor steering hybrid256 hybrid_profile hybrid_shared} "
 FAILS=0
 
 main() {
@@ -115,7 +116,8 @@ EOF
   # ---- the benchmarks (mandatory: run with what is left of the budget as their timeout)
   if [ "$DRY" = 1 ]; then
     Q=(--quick --random-models)
-    run hybrid bench_hybrid 300 "${Q[@]}" --tokens 32 --batches 1,2 --no-diag --ref-checkpoints 3 --ref-live 2 --no-profile
+    run hybrid bench_hybrid 300 "${Q[@]}" --tokens 32 --batches 1 --no-diag --ref-checkpoints 3 --ref-live 2 --no-profile
+    run hybrid_b16 bench_hybrid 300 "${Q[@]}" --tokens 32 --batches 2 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     run sae_grid bench_sae_grid 200 --quick --data synthetic --n-vectors 2000 --d-in 64 --layers 2 --epochs 2
     run extractor bench_extractor 200 "${Q[@]}" --n-traces 8 --repeats 1
     run steering bench_steering 200 "${Q[@]}" --n-train 8 --n-val 4 --epochs 1 --repeats 1
@@ -123,9 +125,11 @@ EOF
     optional hybrid_profile bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --no-diag --ref-checkpoints 2 --ref-live 1 --profile
     optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   else
-    # hybrid at the targets' N (512), both batch sizes; without its automatic profile (it would re-run the
-    # 512 x 16 hybrid twice more, ~1 min): the short profile run below gives the same breakdown when time allows
-    run hybrid bench_hybrid 260 --tokens 512 --batches 1,16 --no-diag --no-profile
+    # hybrid at the targets' N (512), batch 1 then batch 16 (two runs: a slow batch 16 cannot cost the batch-1
+    # figures); without the automatic profile (it would re-run the hybrid twice more): the short profile run below
+    # gives the same breakdown when time allows
+    run hybrid bench_hybrid 150 --tokens 512 --batches 1 --no-diag --no-profile
+    run hybrid_b16 bench_hybrid 200 --tokens 512 --batches 16 --no-diag --ref-live 0 --no-profile
     # the paper's grid: 6 layers x 10 sizes (k = 3), one train_grid stack per layer
     run sae_grid bench_sae_grid 220 --n-vectors 30000 --layers 6 --epochs 5
     run extractor bench_extractor 90 --n-traces 64 --repeats 3
@@ -139,7 +143,7 @@ EOF
   # ---- summary
   echo "== summary at +${SECONDS}s ($FAILS failed or skipped)"
   local files=()
-  for f in hybrid hybrid256 hybrid_shared sae_grid extractor steering; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
+  for f in hybrid hybrid_b16 hybrid256 hybrid_shared sae_grid extractor steering; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
   if [ ${#files[@]} -gt 0 ]; then "$PY" benchmarks/summarize.py "${files[@]}" || FAILS=$((FAILS + 1)); fi
   if [ -s "$OUT/hybrid_profile.json" ]; then
     "$PY" - "$OUT/hybrid_profile.json" << 'EOF' || true
