@@ -25,8 +25,9 @@ a hook on the LM head, for every method alike, so no row stops early):
   ``diag_hybrid_sentence_draft_token`` (`draft="token"`: at a sentence start the thinking model drafts one token
   instead of its whole next sentence), ``diag_hybrid_sentence_speculative_always`` (`speculative="always"`: every
   row verifies its draft, at any batch), ``diag_hybrid_token_no_speculative`` (token mode with `speculative="off"`,
-  the token mode of sessions 6-7) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts``
-  (`shared_drafts=True`; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
+  the token mode of sessions 6-7) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts`` /
+  ``diag_hybrid_sentence_unshared_drafts`` (`shared_drafts=True` / `False`: the default, None, is on for a CUDA base
+  and off on a CPU; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
   repository) re-implemented here with plain HF forwards: no KV cache; per generated token, one full thinking
   forward to read the SAE layer, one full unsteered base forward, a second full thinking forward for its logits;
@@ -52,6 +53,7 @@ Targets (at 512 tokens, every batch size and mode): hybrid >= 0.45 x base-only; 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -74,6 +76,7 @@ DIAGS = {"untracked": (dict(track_unsteered=False), "track_unsteered"),
          "no_speculative": (dict(speculative="off"), "speculative"),
          "per_token_thinking": (dict(lazy_thinking=False), "lazy_thinking"),
          "shared_drafts": (dict(shared_drafts=True), "shared_drafts"),
+         "unshared_drafts": (dict(shared_drafts=False), "shared_drafts"),
          "speculative_always": (dict(speculative="always"), "speculative"),
          "token_no_speculative": (dict(granularity="token", speculative="off"), "speculative")}
 
@@ -283,7 +286,7 @@ class ReferenceProbe:
     def rows(self) -> list[dict]:
         return [{"generated": L, "base_prefix_tokens": len(b), "agree_s": C.median(self.agree[L]),
                  "disagree_s": C.median(self.disagree[L]), "n_timings": len(self.agree[L])}
-                for L, b, _t in self.points]
+                for L, b, _t in self.points if self.agree[L]]
 
 
 def interp(rows, key: str, x: float) -> float:
@@ -400,7 +403,7 @@ def main() -> None:
         for name in diags:
             kw, field_ = DIAGS[name]
             if (wanted is None or name in wanted) and field_ in HybridSettings.__dataclass_fields__ and (
-                    b > 1 or name not in ("shared_drafts", "speculative_always")):  # both act at batch > 1 only
+                    b > 1 or name not in ("shared_drafts", "unshared_drafts", "speculative_always")):  # batch > 1 only
                 kw = {"granularity": "sentence", **kw}
                 key = f"diag_hybrid_{name}" if name.startswith("token_") else f"diag_hybrid_sentence_{name}"
                 gens[key] = mk(max_new_tokens=n, batch_size=b, **kw)
@@ -462,13 +465,16 @@ def main() -> None:
                                      for k in gens},
                     "_disagreement": _mean(r["disagreement_rate"] for r in hs),
                 }
-                if n == n_max and "diag_hybrid_sentence_shared_drafts" in gens:
+                drafts = [k for k in ("diag_hybrid_sentence_shared_drafts", "diag_hybrid_sentence_unshared_drafts")
+                          if k in gens]
+                if n == n_max and drafts:
                     # sequential model calls: what a launch-bound GPU pays for, measurable on any machine
                     row["forward_calls"] = {k: count_forwards(lambda gen=gens[k]: hybrid_run(gen, bp, tp),
                                                               thinking=thinking, base=base)
-                                            for k in ("hybrid_sentence", "diag_hybrid_sentence_shared_drafts")}
+                                            for k in ["hybrid_sentence"] + drafts}
                 settings_rows.append(row)
                 C.log("   tokens/s " + ", ".join(f"{k} {v:.0f}" for k, v in tps.items()))
+                save_partial(args, model_info, settings_rows, probe)
                 missed = min(row["hybrid_over_base"][k] for k in ("hybrid_sentence", "hybrid_token")) < TARGET_BASE
                 last = (n, b) == (tokens[-1], batches[-1])
                 if not args.no_profile and (args.profile or missed) and last and "hybrid" not in profile:
@@ -514,7 +520,7 @@ def main() -> None:
         nat_pairs = [mk().prompts(pr.question) for pr in nat]
         nbp, ntp = [pr[0] for pr in nat_pairs], [pr[1] for pr in nat_pairs]
         for b in batches:
-            gens = generators(n_max, b, ("untracked", "no_speculative", "shared_drafts"))
+            gens = generators(n_max, b, ("untracked", "no_speculative", "shared_drafts", "unshared_drafts"))
             # base-only does the same work: each problem as many decode steps as the hybrid took on it (its eos
             # masked), its row leaving the batch when done. Every count is of decode steps (eos step included).
             lengths = [r["n_steps"] for r in hybrid_run(gens["hybrid_sentence"], nbp, ntp)]
@@ -589,6 +595,19 @@ def main() -> None:
     if profile:
         result["profile"] = profile
     C.emit(result, args)
+    if args.out:
+        Path(args.out + ".partial").unlink(missing_ok=True)
+
+
+def save_partial(args, model_info: dict, settings_rows: list, probe: "ReferenceProbe") -> None:
+    """With --out, the settings measured so far (and the reference timings so far) in OUT.partial, rewritten after
+    each setting and removed once OUT is written: a run killed by a timeout (a short GPU lease) keeps its figures."""
+    if not args.out:
+        return
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".partial").write_text(json.dumps(
+        {"partial": True, "argv": sys.argv[1:], "models": model_info, "settings": settings_rows,
+         "reference_step_costs": probe.rows()}, indent=1, default=C._json_default))
 
 
 def _mean(xs) -> float | None:

@@ -4,11 +4,11 @@
 #   OUT=dir bash benchmarks/gpu_check.sh              # the GPU run: --device cuda, sizes below, python3
 #   OUT=dir bash benchmarks/gpu_check.sh --dry-run    # CPU check of this script: --device cpu --quick, toy sizes
 #
-# Writes into $OUT (flat, <= 9 files): hybrid.json (batch 1), hybrid_b16.json, sae_grid.json, extractor.json,
-# steering.json, gpu_check.log and,
-# when time is left, hybrid256.json (N=256, the rest of the issue's settings), hybrid_profile.json (a short
-# `--profile` run: forward counts, cProfile, torch ops on the GPU) and hybrid_shared.json (shared drafts and
-# speculative steps, in sentence and token mode, against their defaults). Ends with summarize.py's markdown table.
+# Writes into $OUT (flat, <= 9 files, plus a hybrid run's NAME.json.partial if it was cut short): hybrid.json
+# (batch 1), hybrid_b16.json, sae_grid.json, extractor.json, steering.json, gpu_check.log and, when time is left,
+# hybrid256.json (N=256, the rest of the issue's settings), hybrid_profile.json (a short `--profile` run: forward
+# counts, cProfile, torch ops on the GPU) and hybrid_shared.json (shared drafts and speculative steps, in sentence
+# and token mode, against their defaults). Ends with summarize.py's markdown table.
 #
 # Packages the GPU machine lacks (hydra-core/omegaconf/antlr4, transformers 5.23.0, sae-lens and what it imports)
 # travel as wheels in .whl/ (a carried, git-ignored folder); they are installed to $SITE (default /tmp/site) and put
@@ -123,21 +123,25 @@ EOF
     run steering bench_steering 200 "${Q[@]}" --n-train 8 --n-val 4 --epochs 1 --repeats 1
     optional hybrid256 bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 1,2 --no-diag --ref-checkpoints 2 --ref-live 1 --no-profile
     optional hybrid_profile bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --no-diag --ref-checkpoints 2 --ref-live 1 --profile
-    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   else
-    # hybrid at the targets' N (512), batch 1 then batch 16 (two runs: a slow batch 16 cannot cost the batch-1
-    # figures); without the automatic profile (it would re-run the hybrid twice more): the short profile run below
-    # gives the same breakdown when time allows
-    run hybrid bench_hybrid 150 --tokens 512 --batches 1 --no-diag --no-profile
-    run hybrid_b16 bench_hybrid 200 --tokens 512 --batches 16 --no-diag --ref-live 0 --no-profile
+    # hybrid at the targets' N (512) at batch 1, then batch 16 (two runs: a slow batch 16 cannot cost the batch-1
+    # figures; each leaves NAME.json.partial after every setting), without the automatic profile (it re-runs the
+    # hybrid). Session 9 (H200): neither finished in 150 / 200 s. Batch 1 needs ~160 s once warm (load, warm-ups,
+    # the 512-token continuation, the reference probe twice, 4 methods x 512 tokens at ~20-25 ms a call); batch 16
+    # runs 128 tokens: token mode's drafts are serialised (907 thinking calls for 64 tokens at batch 16), so 512
+    # tokens there take minutes per run
+    run hybrid bench_hybrid 240 --tokens 512 --batches 1 --no-diag --no-profile
+    run hybrid_b16 bench_hybrid 200 --tokens 128 --batches 16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     # the paper's grid: 6 layers x 10 sizes (k = 3), one train_grid stack per layer
     run sae_grid bench_sae_grid 220 --n-vectors 30000 --layers 6 --epochs 5
     run extractor bench_extractor 90 --n-traces 64 --repeats 3
     run steering bench_steering 90 --n-train 48 --n-val 16 --epochs 2 --repeats 2
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     optional hybrid_profile bench_hybrid 75 --tokens 64 --batches 16 --no-diag --ref-checkpoints 2 --ref-live 0 --profile
-    # session 6's untested-on-GPU knobs: shared drafts (batch 16) and speculative steps off vs on (batch 1)
-    optional hybrid_shared bench_hybrid 150 --tokens 256 --batches 1,16 --diag shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16) and speculative
+    # steps off vs on (batch 1)
+    optional hybrid_shared bench_hybrid 150 --tokens 128 --batches 1,16 --diag unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary

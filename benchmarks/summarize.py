@@ -55,10 +55,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             t = s["tokens_per_s"]
             base = max(t["base_hf_generate"], t["base_cached_loop"])
             ref = s["reference"]["tokens_per_s"]["p_measured"]
-            diag = ""
-            if "diag_hybrid_sentence_draft_token" in t:
-                dt = t["diag_hybrid_sentence_draft_token"]
-                diag = f"; diag draft=token {fmt(dt, 1)} (x base {fmt(dt / base)}, x reference {fmt(dt / ref, 0)})"
+            diags = [(k.replace("diag_hybrid_", "").replace("sentence_", ""), v) for k, v in t.items()
+                     if k.startswith("diag_hybrid_")]  # every diagnostic run, with its ratio to base-only
+            diag = "".join(f"; diag {k} {fmt(v, 1)} (x base {fmt(v / base)})" for k, v in diags)
             out.append((f"hybrid N={s['new_tokens']} batch={s['batch']} (tokens/s)",
                         f"sentence {fmt(t['hybrid_sentence'], 1)} / token {fmt(t['hybrid_token'], 1)} / base "
                         f"{fmt(base, 1)} / reference {fmt(ref, 2)}{diag}",

@@ -59,3 +59,22 @@ def test_hybrid_benchmark_names_an_unknown_diagnostic(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("bench_hybrid.py: error: --diag token_nospec: no such diagnostic run; choose from ")
     assert "token_no_speculative" in err and "shared_drafts" in err
+
+
+def test_hybrid_stages_counts_each_stage_calls(tmp_path, monkeypatch, capsys):
+    """benchmarks/hybrid_stages.py (the short-lease GPU diagnostic): each stage's model calls match what the method
+    must make: the cached loop one base call a token, a reference step 2 thinking calls and 1 base call, plus the
+    10 x 5 steered base calls where it disagrees. The JSON written to --out holds every stage."""
+    out = tmp_path / "stages.json"
+    result = run_script("hybrid_stages", ["--quick", "--stages", "base:1:8,sentence:2:8,ref_agree:1:4,ref_disagree:1:4",
+                                          "--out", str(out)], monkeypatch, capsys)
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert list(stages) == ["base:1:8", "sentence:2:8", "ref_agree:1:4", "ref_disagree:1:4"]
+    assert {k: v["calls"] for k, v in stages["base:1:8"]["calls"].items()} == {"thinking": 0, "base": 8}
+    assert stages["sentence:2:8"]["calls"]["thinking"]["calls"] >= 1 and stages["sentence:2:8"]["tokens_per_s"] > 0
+    assert stages["sentence:2:8"]["n_decisions"] >= 2  # each row decides at its first sentence
+    assert {k: v["calls"] for k, v in stages["ref_agree:1:4"]["calls"].items()} == {"thinking": 2, "base": 1}
+    assert {k: v["calls"] for k, v in stages["ref_disagree:1:4"]["calls"].items()} == {"thinking": 2, "base": 51}
+    assert json.loads(out.read_text())["stages"] == result["stages"]
+    with pytest.raises(SystemExit, match="bad stage 'tokens:1:8'"):
+        run_script("hybrid_stages", ["--stages", "tokens:1:8"], monkeypatch, capsys)
