@@ -166,9 +166,11 @@ class HybridConfig:
     speculative: str = "single_row"
     # sentence mode with lazy thinking, batch > 1: rows draft their next sentence one token a step inside ONE shared
     # thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per step instead
-    # of one per draft token of the longest draft. Same results. Off by default: on a CPU a waiting row still costs
-    # its positions, so it does not pay there; meant for launch-bound GPUs, where it was not measured yet
-    shared_drafts: bool = False
+    # of one per draft token of the longest draft. Same results. null (the default) = on where the base model runs
+    # on CUDA, off elsewhere: on a GPU a call costs its launches, not its rows (an H200, session 9: 64 tokens at batch
+    # 16 without them took 1,633 model calls against base-only's 64); on a CPU a waiting row still costs its
+    # positions, so it does not pay there (28% slower at 512 tokens, batch 16)
+    shared_drafts: Optional[bool] = None
 
 
 SECOND_OPINION_NEEDS_LLM = ("eval.second_opinion=true needs an LLM judge: add judge=openai (any OpenAI-compatible "

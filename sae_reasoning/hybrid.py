@@ -142,8 +142,9 @@ only their argmax is used there, so not with candidate scoring, ``unsteered_rera
 leaves the draft, whose unread rest is then cropped. Token mode on the organism, 32 problems to their end, batch 1:
 3,603 -> 2,483 thinking forwards, 8.0 -> 7.0 s.
 
-Shared drafts (``shared_drafts``, off by default; with lazy thinking, ``draft="sentence"``, batch > 1, not with a
-``schedule``): by default the rows that start a sentence at a step draft their whole next sentence, one thinking
+Shared drafts (``shared_drafts``; by default on where the base runs on CUDA and off elsewhere,
+`shared_drafts_enabled`; with lazy thinking, ``draft="sentence"``, batch > 1, not with a ``schedule``): without
+them the rows that start a sentence at a step draft their whole next sentence, one thinking
 forward per draft token, while every other row waits; a batch then makes about as many thinking calls per step as
 the longest of those drafts. With shared drafts a row at a sentence start instead drafts ONE token per step and
 does not write meanwhile, and every step runs one thinking forward for all rows: the drafting rows feed their next
@@ -155,8 +156,11 @@ no longer wait for each other: about two model calls per step. Same tokens, deci
 where a call costs its launches (a GPU); on a CPU every row costs its position in both forwards, drafting or not.
 Measured on the organism with the demo's SAE and vectors (CPU, batch 16, ``bench_hybrid.py``): 512 tokens with eos
 masked, 4,592 -> 2,096 model calls but 552 -> 399 tokens/s (the base cache holds a hole for every step a row
-drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843 tokens/s. Speculative steps and draft
-reuse are off with it.
+drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843 tokens/s. On an H200 (session 9,
+random-weight Qwen2-1.5B-shaped pair, ``benchmarks/hybrid_stages.py``) 64 tokens at batch 16 without them took
+1,633 model calls (1,568 of them thinking calls, drafts) against base-only's 64, and a call cost about the same at
+batch 16 as at batch 1: the serialised drafts are the GPU's cost, hence on by default there (their GPU speed-up
+itself was not measured yet). Speculative steps and draft reuse are off with it.
 
 Speculative steps (``speculative``: "off", "single_row", the default, or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
@@ -241,6 +245,15 @@ _RETOKENIZE_REFUSALS = {
 
 class HybridError(UserError):
     """A hybrid configuration or input that cannot work (mismatched tokenizers, vector shapes, layers)."""
+
+
+def shared_drafts_enabled(setting: bool | None, base_device: Any) -> bool:
+    """``hybrid.shared_drafts``: True / False as set; None (the default) = on where the base runs on CUDA. A GPU
+    call costs its launches, not its rows, so serialised drafts dominate there; on a CPU rows cost positions and the
+    holes shared drafts leave in the caches cost more than the calls they save (module doc, *Shared drafts*)."""
+    if setting is not None:
+        return bool(setting)
+    return torch.device(base_device).type == "cuda"
 
 
 def check_methods(thinking: LoadedModel, base: LoadedModel, cfg: Any, methods: Mapping[str, dict]) -> None:
@@ -1292,7 +1305,8 @@ class HybridGenerator:
         lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
                 and s.control not in ("oracle", "unsteered_rerank"))
         # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
-        shared = lazy and s.shared_drafts and s.draft == "sentence" and not scheduled and B > 1 and self.decides
+        shared = (lazy and shared_drafts_enabled(s.shared_drafts, self.base.device) and s.draft == "sentence"
+                  and not scheduled and B > 1 and self.decides)
         spec = lazy and s.speculative != "off" and s.draft == "sentence" and not scheduled and not shared
         # draft reuse: a lone row drafts in place; its catch-up (lazy) or its one-token reads (token mode) skip what
         # the draft already read. Only where the thinking logits serve no more than their argmax (lazy thinking

@@ -18,7 +18,7 @@ import torch
 
 from helpers import stories_with_chat_template
 from sae_reasoning.hooks import add_to_resid_post, capture_resid_post
-from sae_reasoning.hybrid import HybridError, HybridGenerator, SentenceStream
+from sae_reasoning.hybrid import HybridError, HybridGenerator, HybridSettings, SentenceStream
 from sae_reasoning.models import load_model
 from sae_reasoning.sae import TopKSAE
 from sae_reasoning.sentences import _boundaries, attach_token_spans, split_sentences
@@ -553,7 +553,8 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                  "Ben and Mia went to the park", "The little bird sang", "A girl found a shiny box",
                  "Max liked to run fast"]
     out, calls = {}, {}
-    for name, kw in (("lazy", dict(speculative="off")), ("shared", dict(shared_drafts=True)),
+    for name, kw in (("lazy", dict(speculative="off", shared_drafts=False)), ("shared", dict(shared_drafts=True)),
+                     ("default", dict(speculative="off")),  # shared_drafts=None: on CUDA only (a CPU here)
                      ("lazy_short", dict(speculative="off", draft_max_tokens=3)),  # drafts cut by their budget
                      ("shared_short", dict(shared_drafts=True, draft_max_tokens=3)),
                      ("lazy_untracked", dict(speculative="off", track_unsteered=False)),  # one base row a problem
@@ -577,6 +578,18 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
     assert calls["shared"] < 0.8 * calls["lazy"], calls
+    assert out["default"] == out["lazy"] and calls["default"] == calls["lazy"], calls  # the CPU default: unshared
+
+
+def test_shared_drafts_default_follows_the_base_device():
+    """hybrid.shared_drafts=None (the default) means on where the base runs on CUDA (a call costs its launches
+    there), off elsewhere; True / False win on any device. Devices are only named here: no GPU is needed."""
+    from sae_reasoning.hybrid import shared_drafts_enabled
+
+    assert [shared_drafts_enabled(None, d) for d in ("cpu", torch.device("cpu"), "cuda", torch.device("cuda", 0),
+                                                     "cuda:1", "mps")] == [False, False, True, True, True, False]
+    assert shared_drafts_enabled(True, "cpu") and not shared_drafts_enabled(False, torch.device("cuda"))
+    assert HybridSettings().shared_drafts is None
 
 
 def test_speculative_steps_at_batch_one_equal_one_token_steps(lm, lm2, sae, vectors):
