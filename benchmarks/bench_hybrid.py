@@ -27,7 +27,8 @@ a hook on the LM head, for every method alike, so no row stops early):
   row verifies its draft, at any batch), ``diag_hybrid_token_no_speculative`` (token mode with `speculative="off"`,
   the token mode of sessions 6-7) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts`` /
   ``diag_hybrid_sentence_unshared_drafts`` (`shared_drafts=True` / `False`: the default, None, is on for a CUDA base
-  and off on a CPU; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
+  and off on a CPU), ``diag_hybrid_token_shared_drafts`` / ``diag_hybrid_token_unshared_drafts`` (the same in token
+  mode; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
   repository) re-implemented here with plain HF forwards: no KV cache; per generated token, one full thinking
   forward to read the SAE layer, one full unsteered base forward, a second full thinking forward for its logits;
@@ -77,6 +78,8 @@ DIAGS = {"untracked": (dict(track_unsteered=False), "track_unsteered"),
          "per_token_thinking": (dict(lazy_thinking=False), "lazy_thinking"),
          "shared_drafts": (dict(shared_drafts=True), "shared_drafts"),
          "unshared_drafts": (dict(shared_drafts=False), "shared_drafts"),
+         "token_shared_drafts": (dict(granularity="token", shared_drafts=True), "shared_drafts"),
+         "token_unshared_drafts": (dict(granularity="token", shared_drafts=False), "shared_drafts"),
          "speculative_always": (dict(speculative="always"), "speculative"),
          "token_no_speculative": (dict(granularity="token", speculative="off"), "speculative")}
 
@@ -403,7 +406,7 @@ def main() -> None:
         for name in diags:
             kw, field_ = DIAGS[name]
             if (wanted is None or name in wanted) and field_ in HybridSettings.__dataclass_fields__ and (
-                    b > 1 or name not in ("shared_drafts", "unshared_drafts", "speculative_always")):  # batch > 1 only
+                    b > 1 or ("shared_drafts" not in name and name != "speculative_always")):  # batch > 1 only
                 kw = {"granularity": "sentence", **kw}
                 key = f"diag_hybrid_{name}" if name.startswith("token_") else f"diag_hybrid_sentence_{name}"
                 gens[key] = mk(max_new_tokens=n, batch_size=b, **kw)
@@ -465,13 +468,12 @@ def main() -> None:
                                      for k in gens},
                     "_disagreement": _mean(r["disagreement_rate"] for r in hs),
                 }
-                drafts = [k for k in ("diag_hybrid_sentence_shared_drafts", "diag_hybrid_sentence_unshared_drafts")
-                          if k in gens]
+                drafts = [k for k in gens if "shared_drafts" in k]
                 if n == n_max and drafts:
                     # sequential model calls: what a launch-bound GPU pays for, measurable on any machine
                     row["forward_calls"] = {k: count_forwards(lambda gen=gens[k]: hybrid_run(gen, bp, tp),
                                                               thinking=thinking, base=base)
-                                            for k in ["hybrid_sentence"] + drafts}
+                                            for k in ["hybrid_sentence", "hybrid_token"] + drafts}
                 settings_rows.append(row)
                 C.log("   tokens/s " + ", ".join(f"{k} {v:.0f}" for k, v in tps.items()))
                 save_partial(args, model_info, settings_rows, probe)

@@ -123,25 +123,25 @@ EOF
     run steering bench_steering 200 "${Q[@]}" --n-train 8 --n-val 4 --epochs 1 --repeats 1
     optional hybrid256 bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 1,2 --no-diag --ref-checkpoints 2 --ref-live 1 --no-profile
     optional hybrid_profile bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --no-diag --ref-checkpoints 2 --ref-live 1 --profile
-    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 200 "${Q[@]}" --tokens 16 --batches 2 --diag shared_drafts,token_shared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   else
     # hybrid at the targets' N (512) at batch 1, then batch 16 (two runs: a slow batch 16 cannot cost the batch-1
     # figures; each leaves NAME.json.partial after every setting), without the automatic profile (it re-runs the
     # hybrid). Session 9 (H200): neither finished in 150 / 200 s. Batch 1 needs ~160 s once warm (load, warm-ups,
-    # the 512-token continuation, the reference probe twice, 4 methods x 512 tokens at ~20-25 ms a call); batch 16
-    # runs 128 tokens: token mode's drafts are serialised (907 thinking calls for 64 tokens at batch 16), so 512
-    # tokens there take minutes per run
+    # the 512-token continuation, the reference probe twice, 4 methods x 512 tokens at ~20-25 ms a call). Batch 16
+    # then drafted serially (1,633 calls for 64 tokens); with shared drafts, now on by default on CUDA in both
+    # modes, expect ~4 calls a token (the organism's count), ~40 s a hybrid run
     run hybrid bench_hybrid 240 --tokens 512 --batches 1 --no-diag --no-profile
-    run hybrid_b16 bench_hybrid 200 --tokens 128 --batches 16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
+    run hybrid_b16 bench_hybrid 240 --tokens 512 --batches 16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     # the paper's grid: 6 layers x 10 sizes (k = 3), one train_grid stack per layer
     run sae_grid bench_sae_grid 220 --n-vectors 30000 --layers 6 --epochs 5
     run extractor bench_extractor 90 --n-traces 64 --repeats 3
     run steering bench_steering 90 --n-train 48 --n-val 16 --epochs 2 --repeats 2
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     optional hybrid_profile bench_hybrid 75 --tokens 64 --batches 16 --no-diag --ref-checkpoints 2 --ref-live 0 --profile
-    # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16) and speculative
-    # steps off vs on (batch 1)
-    optional hybrid_shared bench_hybrid 150 --tokens 128 --batches 1,16 --diag unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16, both modes) and
+    # speculative steps off vs on (batch 1)
+    optional hybrid_shared bench_hybrid 150 --tokens 128 --batches 1,16 --diag unshared_drafts,token_unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary

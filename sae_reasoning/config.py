@@ -164,8 +164,8 @@ class HybridConfig:
     # problems run to their own end at batch 1 went from 0.40x to 0.53x base-only; in fixed-length runs past the
     # answer (out-of-distribution text, drafts rejected) it cost 5%; not measured on a GPU
     speculative: str = "single_row"
-    # sentence mode with lazy thinking, batch > 1: rows draft their next sentence one token a step inside ONE shared
-    # thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per step instead
+    # batch > 1 (sentence or token mode, draft=sentence): rows draft their next sentence one token a step inside ONE
+    # shared thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per step instead
     # of one per draft token of the longest draft. Same results. null (the default) = on where the base model runs
     # on CUDA, off elsewhere: on a GPU a call costs its launches, not its rows (an H200, session 9: 64 tokens at batch
     # 16 without them took 1,633 model calls against base-only's 64); on a CPU a waiting row still costs its

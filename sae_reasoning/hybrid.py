@@ -143,8 +143,8 @@ leaves the draft, whose unread rest is then cropped. Token mode on the organism,
 3,603 -> 2,483 thinking forwards, 8.0 -> 7.0 s.
 
 Shared drafts (``shared_drafts``; by default on where the base runs on CUDA and off elsewhere,
-`shared_drafts_enabled`; with lazy thinking, ``draft="sentence"``, batch > 1, not with a ``schedule``): without
-them the rows that start a sentence at a step draft their whole next sentence, one thinking
+`shared_drafts_enabled`; sentence or token granularity with the settings lazy thinking accepts, ``draft="sentence"``,
+batch > 1, not with a ``schedule``): without them the rows that start a sentence at a step draft their whole next sentence, one thinking
 forward per draft token, while every other row waits; a batch then makes about as many thinking calls per step as
 the longest of those drafts. With shared drafts a row at a sentence start instead drafts ONE token per step and
 does not write meanwhile, and every step runs one thinking forward for all rows: the drafting rows feed their next
@@ -160,7 +160,10 @@ drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843 tokens
 random-weight Qwen2-1.5B-shaped pair, ``benchmarks/hybrid_stages.py``) 64 tokens at batch 16 without them took
 1,633 model calls (1,568 of them thinking calls, drafts) against base-only's 64, and a call cost about the same at
 batch 16 as at batch 1: the serialised drafts are the GPU's cost, hence on by default there (their GPU speed-up
-itself was not measured yet). Speculative steps and draft reuse are off with it.
+itself was not measured yet). Speculative steps and draft reuse are off with it. In token mode (session 9) the
+rows read lazily as in sentence mode, but a writing row decides at every step, so each step's shared forward reads
+the token it emitted at the step before, and a row whose draft ended decides from the draft and writes at once:
+same tokens, decisions and stats as one-token steps (tested at batch 8: 533 -> 309 model calls for 48 tokens).
 
 Speculative steps (``speculative``: "off", "single_row", the default, or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
@@ -1085,8 +1088,8 @@ class HybridGenerator:
                 # shared drafts: the rows that write at this step (the others, drafting, get a masked hole)
                 writing = writing_t = None
                 if shared:
-                    writing = [r.draft is None and (not self.decides or cut in r.decided)
-                               for r, (cut, _, _) in zip(arows, state)]
+                    writing = [r.draft is None and (not self.decides or s.granularity == "token" or cut in r.decided)
+                               for r, (cut, _, _) in zip(arows, state)]  # (token mode: decided at this step)
                     if not any(writing):
                         continue
                     writing_t = torch.tensor(writing, device=bdev)
@@ -1302,11 +1305,15 @@ class HybridGenerator:
         # Lazy thinking: in sentence mode (plain, bias_only, random_*) the thinking model's state is needed only where
         # a row decides (its draft, or H for a sentence that already has tokens) and for the disagreement stat, which
         # can wait: the emitted tokens are read in ONE forward at the next decision instead of one forward per step.
-        lazy = (s.lazy_thinking and not retok and not record and s.granularity == "sentence" and not candidate
-                and s.control not in ("oracle", "unsteered_rerank"))
-        # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write
-        shared = (lazy and shared_drafts_enabled(s.shared_drafts, self.base.device) and s.draft == "sentence"
+        lazy_ok = (s.lazy_thinking and not retok and not record and not candidate
+                   and s.control not in ("oracle", "unsteered_rerank"))
+        lazy = lazy_ok and s.granularity == "sentence"
+        # shared drafts: each row drafts one token a step inside one shared thinking forward while the others write.
+        # Token mode too: there the rows read lazily, but a row decides at every step, so every step's shared forward
+        # reads the token each writing row emitted at the step before (one thinking call a step, as without)
+        shared = (lazy_ok and shared_drafts_enabled(s.shared_drafts, self.base.device) and s.draft == "sentence"
                   and not scheduled and B > 1 and self.decides)
+        lazy = lazy or shared
         spec = lazy and s.speculative != "off" and s.draft == "sentence" and not scheduled and not shared
         # draft reuse: a lone row drafts in place; its catch-up (lazy) or its one-token reads (token mode) skip what
         # the draft already read. Only where the thinking logits serve no more than their argmax (lazy thinking

@@ -547,7 +547,8 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
 def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vectors):
     """Shared drafts (8 rows): each row drafts one token a step in one shared thinking forward while the others
     write, instead of every row waiting while the rows at a sentence start draft their whole sentence. The same
-    tokens, decisions and stats as lazy thinking (and one-token steps: above), in fewer sequential model calls."""
+    tokens, decisions and stats as lazy thinking (and one-token steps: above), in fewer sequential model calls; in
+    token mode (a decision at every step), the same as token mode's one-token steps, random_behavior included."""
     vecs, bias = vectors
     questions = ["Tom saw a big dog", "The sun was hot", "Lily had a red ball", "Once upon a time there was a cat",
                  "Ben and Mia went to the park", "The little bird sang", "A girl found a shiny box",
@@ -558,7 +559,11 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                      ("lazy_short", dict(speculative="off", draft_max_tokens=3)),  # drafts cut by their budget
                      ("shared_short", dict(shared_drafts=True, draft_max_tokens=3)),
                      ("lazy_untracked", dict(speculative="off", track_unsteered=False)),  # one base row a problem
-                     ("shared_untracked", dict(shared_drafts=True, track_unsteered=False))):
+                     ("shared_untracked", dict(shared_drafts=True, track_unsteered=False)),
+                     ("lazy_token", dict(granularity="token", shared_drafts=False)),  # one-token steps
+                     ("shared_token", dict(granularity="token", shared_drafts=True)),
+                     ("lazy_token_random", dict(granularity="token", shared_drafts=False, control="random_behavior")),
+                     ("shared_token_random", dict(granularity="token", shared_drafts=True, control="random_behavior"))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
         n, widths = [0], []
@@ -573,11 +578,14 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
         calls[name] = n[0]
         if name.startswith("shared"):  # after the prompt, one position a step: the cache grows a column a step
             assert set(widths[1:]) == {1}, sorted(set(widths))
-    for name in ("", "_short", "_untracked"):
+    for name in ("", "_short", "_untracked", "_token", "_token_random"):
         assert out["shared" + name] == out["lazy" + name], name
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
     assert calls["shared"] < 0.8 * calls["lazy"], calls
+    assert calls["shared_token"] < 0.8 * calls["lazy_token"], calls
+    assert out["shared_token"] != out["shared"]  # token mode decides at every step: other tokens
+    assert out["shared_token_random"] != out["shared_token"]  # the random behaviors steer otherwise
     assert out["default"] == out["lazy"] and calls["default"] == calls["lazy"], calls  # the CPU default: unshared
 
 
