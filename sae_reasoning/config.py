@@ -160,7 +160,8 @@ class HybridConfig:
     # with lazy thinking and sentence drafts: the steered base verifies the thinking model's draft sentence in one
     # forward and emits its greedy tokens up to the first that differs (same results; hybrid.py, *Speculative*):
     # off | single_row (while one row decodes: batch 1, a batch's last row) | always. Token granularity: a lone row
-    # verifies its draft with each position's own decision (always = single_row there). single_row by default: on a CPU,
+    # verifies its draft with each position's own decision, and in mid-sentence a draft the base writes itself
+    # (always = single_row there). single_row by default: on a CPU,
     # problems run to their own end at batch 1 went from 0.40x to 0.53x base-only; in fixed-length runs past the
     # answer (out-of-distribution text, drafts rejected) it cost 5%; not measured on a GPU
     speculative: str = "single_row"

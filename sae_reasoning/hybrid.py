@@ -206,6 +206,17 @@ base-only), 256 tokens 0.39x -> 0.49x; base forwards for 4 problems of 512 token
 drafting again in the middle of a sentence, after the base left the draft (a lone row in token mode pays a thinking
 read per token there anyway). The base rarely wrote such drafts: for 4 problems of 512 tokens the thinking calls rose
 from 2,818 to 3,211-5,930 and the base calls fell only to 836-956, slower in all three draft lengths tried.
+
+Base self-drafts (session 9; the same lone rows). What does pay in mid-sentence, after the base left the thinking
+model's draft, is a draft by the BASE: it writes the rest of the sentence greedily at the decision just made, on a
+copy of its steered row's cache (one call a token, as one-token steps; up to ``draft_max_tokens``, ending after a
+token that changes the sentence or before eos), the thinking model reads that draft in one forward (kept in its
+cache as a draft-reuse trail), and the verify forward steers each position with the decision one-token steps would
+make there (`_token_positions`, from those outputs). Within a sentence the decision rarely changes (on the organism
+13 of 658 mid-sentence steps), so the base keeps its own tokens and the thinking model's read of each token becomes
+one read per sentence; where the decision changes the verify step ends there, as one-token steps would. Same
+tokens, decisions and stats (tested, five settings); the thinking calls fall (e.g. 139 -> 118 with 38 -> 41 base
+calls in the plain test setting) at the cost of one verify forward per self-draft.
 """
 
 from __future__ import annotations
@@ -754,7 +765,7 @@ class HybridGenerator:
                 mask[i, :len(x)] = 1
         return ids.to(device), mask.to(device)
 
-    def _emit_verified(self, r: _Row, a: int, cand: list[int], g_after: int | None, greedy_b: list[list[int]],
+    def _emit_verified(self, r: _Row, a: int, cand: list[int], g_after: list[int], greedy_b: list[list[int]],
                        greedy_u: list[list[int]] | None, g_l: list, g_known: bool, steered: bool, bias: bool,
                        cut: int, lazy: bool = True, per_position: list[tuple[int, bool, bool]] | None = None) -> int:
         """Speculative step of row `r` (batch position `a`): the base was fed its last token and then the draft
@@ -764,10 +775,11 @@ class HybridGenerator:
         predicted from the same prefix with the same delta. Each emitted token is tallied as a one-token step
         (its thinking greedy token: the draft's next one). Token mode (`per_position`): position j had its own
         decision (behavior, steered, bias), made from the running mean over the draft's tokens before it, and
-        counts as one. Returns how many were emitted (>= 1)."""
+        counts as one. `g_after[j]`: the thinking model's greedy token after `cand[j]` (a thinking draft's next
+        token; a base self-draft's, read by the thinking model). Returns how many were emitted (>= 1)."""
         for j in range(len(cand) + 1):
             tok = greedy_b[a][j]
-            g = g_l[a] if j == 0 else (cand[j] if j < len(cand) else g_after)
+            g = g_l[a] if j == 0 else g_after[j - 1]
             if per_position is not None:
                 r.behavior, steered, bias = per_position[j]
                 r.counts["decisions"] += j > 0  # position 0's decision is counted where it was made
@@ -1002,7 +1014,7 @@ class HybridGenerator:
                 draft_h = None
                 verify = (spec and (A == 1 or s.speculative == "always")) or (tspec and A == 1)
                 cands: list[list[int]] = [[] for _ in arows]  # speculative: the draft tokens the base verifies
-                g_next: dict[int, int] = {}  # speculative: the thinking greedy token after a row's whole draft
+                g_after: dict[int, list[int]] = {}  # speculative: the thinking greedy token after each draft token
                 pooled_rows, pooled = [], []
                 if retok:
                     pooled_rows = [a for a, n in enumerate(need) if n]
@@ -1038,7 +1050,7 @@ class HybridGenerator:
                         for a, seq in zip(rows_d, seqs or []):
                             room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
                             cands[a] = seq[:-1][:room]
-                            g_next[a] = seq[len(cands[a])]  # the thinking greedy token after the verified ones
+                            g_after[a] = seq[1:]  # (a greedy draft: its next token; then the one after it)
                     else:
                         self._captured = None
                         self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
@@ -1078,11 +1090,16 @@ class HybridGenerator:
                 for r, b in zip(arows, behavior.tolist()):
                     r.behavior = b
                 pos_beh = None  # a token-mode speculative step: the behavior decided before each verified position
+                if (tspec and A == 1 and need[0] and not starts[0] and arows[0].trail is None
+                        and s.max_new_tokens - arows[0].n_steps > 1):
+                    # in mid-sentence, off the thinking model's draft: the base drafts the rest of the sentence
+                    cands[0], g_after[0] = self._base_self_draft(
+                        arows[0], behavior, coefs, feed, bcache, bmask, bpos, tcache, tmask, tpos, state[0][0],
+                        min(s.max_new_tokens - arows[0].n_steps - 1, s.draft_max_tokens))
                 if tspec and A == 1 and cands[0]:
                     pos_beh = self._token_positions(arows[0], int(orig[0]), state[0][0], cands[0], H,
                                                     int(behavior[0]))
                     cands[0] = cands[0][:len(pos_beh) - 1]
-                    g_next[0] = seqs[0][len(cands[0])]
                 beh_b = behavior.to(bdev)
                 is_active = beh_b >= 0
                 # shared drafts: the rows that write at this step (the others, drafting, get a masked hole)
@@ -1179,7 +1196,7 @@ class HybridGenerator:
                     if writing is not None and not writing[a]:
                         continue
                     if L:
-                        n_emitted.append(self._emit_verified(r, a, cands[a], g_next.get(a), greedy_b, greedy_u, g_l,
+                        n_emitted.append(self._emit_verified(r, a, cands[a], g_after.get(a), greedy_b, greedy_u, g_l,
                                                              g_known[a], st_l[a], bias_l[a], state[a][0], lazy,
                                                              per_position))
                         continue
@@ -1432,11 +1449,55 @@ class HybridGenerator:
         H[orig, n0 + k: n0 + len(new)] = self._captured.to(H.dtype)
         return tmask, tpos + len(rest), tlogits
 
+    def _base_self_draft(self, r: _Row, behavior: Tensor, coefs: Tensor, feed: Tensor, bcache: Any, bmask: Tensor,
+                         bpos: Tensor, tcache: Any, tmask: Tensor, tpos: Tensor, cut: int, limit: int
+                         ) -> tuple[list[int], list[int]]:
+        """Token mode, lone row `r` in mid-sentence after the base left the thinking model's draft: one-token steps
+        would now cost a thinking read per token. Instead the base drafts the rest of the sentence greedily at the
+        decision just made (`behavior`), on a copy of its steered row's cache (up to `limit` tokens; it stops after
+        a token that changes the sentence, and before eos), and the thinking model reads the draft in ONE forward,
+        which stays in its cache as a draft-reuse trail. The verify forward then steers each position with the
+        decision one-token steps would make there (`_token_positions`, from the draft's outputs), so the base keeps
+        its tokens while the decision holds (within a sentence it rarely changes) and the result is one-token steps'
+        own. Returns the draft and the thinking model's greedy token after each of its tokens."""
+        bdev, tdev = bmask.device, tmask.device
+        tables = [r.vectors] if self.settings.control == "random_vectors" else None
+        delta, _, _ = self._deltas(behavior[:1].to(bdev), coefs[None, :1], tables)  # [1, 1, d] or None
+        cache = copy.copy(bcache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+        cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=bdev))  # the steered row, new tensors
+        stream, seq, tok, mask = r.stream.fork(), [], feed[:1], bmask[:1]
+        for i in range(limit):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            self._delta = delta
+            logits = self._forward(self.base, "base", tok[:, None], mask, (bpos[:1] + i)[:, None], cache,
+                                   logits_to_keep=1)
+            self._delta = None
+            t = int(logits[0, -1].argmax())
+            if t in self.eos_ids:
+                break
+            seq.append(t)
+            stream.append(t)
+            c, first, end = stream.current()
+            if c != cut or first == end:  # the sentence changes after t: the verify step ends there anyway
+                break
+            tok = torch.tensor([t], device=bdev)
+        if not seq:
+            return [], []
+        self._captured = None
+        logits = self._forward(self.thinking, "prefix", torch.tensor([seq], device=tdev),
+                               torch.cat([tmask, tmask.new_ones(1, len(seq))], 1),
+                               tpos[:, None] + torch.arange(len(seq), device=tdev), tcache)
+        after = logits[0].argmax(-1).tolist()
+        r.trail, r.trail_used = dict(fed=seq, h=self._captured.reshape(len(seq), -1).float(), after=after), 0
+        return seq, after
+
     def _token_positions(self, r: _Row, o: int, cut: int, cand: list[int], H: Tensor, first_behavior: int
                          ) -> list[int]:
-        """A token-mode speculative step of lone row `r` (batch row `o` of `H`) at a sentence start (`cut`): the
-        behavior that one-token steps would decide before each position of the verify forward, while the base
-        writes the draft's tokens `cand`. Position 0's is `first_behavior` (the draft's pooled decision); position
+        """A token-mode speculative step of lone row `r` (batch row `o` of `H`) in sentence `cut`, at its start (the
+        thinking model's draft) or in mid-sentence (a base self-draft): the behavior that one-token steps would
+        decide before each position of the verify forward, while the base writes the draft's tokens `cand` (its
+        trail, `r.trail`). Position 0's is `first_behavior` (the decision made at this step); position
         j pools the running mean of the sentence with the draft's first j tokens emitted, whose outputs are the
         draft's (written into `H` where one-token steps would read them; later reads overwrite what the base does
         not write). Stops before a position that one-token steps would not reach inside this sentence: after eos, or
