@@ -144,8 +144,8 @@ leaves the draft, whose unread rest is then cropped. Token mode on the organism,
 
 Shared drafts (``shared_drafts``; by default on where the base runs on CUDA and off elsewhere,
 `shared_drafts_enabled`; sentence or token granularity with the settings lazy thinking accepts, ``draft="sentence"``,
-batch > 1, not with a ``schedule``): without them the rows that start a sentence at a step draft their whole next sentence, one thinking
-forward per draft token, while every other row waits; a batch then makes about as many thinking calls per step as
+batch > 1, not with a ``schedule``): without them the rows that start a sentence at a step draft their whole next
+sentence, one thinking forward per draft token, while every other row waits; a batch then makes about as many thinking calls per step as
 the longest of those drafts. With shared drafts a row at a sentence start instead drafts ONE token per step and
 does not write meanwhile, and every step runs one thinking forward for all rows: the drafting rows feed their next
 draft token (in the thinking cache itself, at the positions after their read tokens; the entries become masked
