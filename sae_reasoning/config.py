@@ -166,11 +166,11 @@ class HybridConfig:
     # answer (out-of-distribution text, drafts rejected) it cost 5%; not measured on a GPU
     speculative: str = "single_row"
     # batch > 1 (sentence or token mode, draft=sentence): rows draft their next sentence one token a step inside ONE
-    # shared thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per step
-    # instead of one per draft token of the longest draft. Same results. null (the default) = on where the base model runs
-    # on CUDA, off elsewhere: on a GPU a call costs its launches, not its rows (an H200, session 9: 64 tokens at batch
-    # 16 without them took 1,633 model calls against base-only's 64); on a CPU a waiting row still costs its
-    # positions, so it does not pay there (28% slower at 512 tokens, batch 16)
+    # shared thinking forward while the other rows write (hybrid.py, *Shared drafts*): about two model calls per
+    # step instead of one per draft token of the longest draft. Same results. null (the default) = on where the base
+    # model runs on CUDA, off elsewhere: on a GPU a call costs its launches, not its rows (an H200, session 9: 64
+    # tokens at batch 16 without them took 1,633 model calls against base-only's 64); on a CPU a waiting row still
+    # costs its positions, so it does not pay there (28% slower at 512 tokens, batch 16)
     shared_drafts: Optional[bool] = None
 
 

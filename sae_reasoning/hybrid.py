@@ -143,27 +143,28 @@ leaves the draft, whose unread rest is then cropped. Token mode on the organism,
 3,603 -> 2,483 thinking forwards, 8.0 -> 7.0 s.
 
 Shared drafts (``shared_drafts``; by default on where the base runs on CUDA and off elsewhere,
-`shared_drafts_enabled`; sentence or token granularity with the settings lazy thinking accepts, ``draft="sentence"``,
-batch > 1, not with a ``schedule``): without them the rows that start a sentence at a step draft their whole next
-sentence, one thinking forward per draft token, while every other row waits; a batch then makes about as many thinking calls per step as
-the longest of those drafts. With shared drafts a row at a sentence start instead drafts ONE token per step and
-does not write meanwhile, and every step runs one thinking forward for all rows: the drafting rows feed their next
-draft token (in the thinking cache itself, at the positions after their read tokens; the entries become masked
-holes once the draft ends) and the writing rows read the token they emitted at the previous step (so the forward
-stays one position wide and the caches grow by one column a step). Then one base forward for the writing rows (the
-drafting rows get a masked hole). A row's sentence still costs its read, its draft and its writing, but the rows
-no longer wait for each other: about two model calls per step. Same tokens, decisions and stats (tested). It pays
-where a call costs its launches (a GPU); on a CPU every row costs its position in both forwards, drafting or not.
-Measured on the organism with the demo's SAE and vectors (CPU, batch 16, ``bench_hybrid.py``): 512 tokens with eos
-masked, 4,592 -> 2,096 model calls but 552 -> 399 tokens/s (the base cache holds a hole for every step a row
-drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843 tokens/s. On an H200 (session 9,
-random-weight Qwen2-1.5B-shaped pair, ``benchmarks/hybrid_stages.py``) 64 tokens at batch 16 without them took
-1,633 model calls (1,568 of them thinking calls, drafts) against base-only's 64, and a call cost about the same at
-batch 16 as at batch 1: the serialised drafts are the GPU's cost, hence on by default there (their GPU speed-up
-itself was not measured yet). Speculative steps and draft reuse are off with it. In token mode (session 9) the
-rows read lazily as in sentence mode, but a writing row decides at every step, so each step's shared forward reads
-the token it emitted at the step before, and a row whose draft ended decides from the draft and writes at once:
-same tokens, decisions and stats as one-token steps (tested at batch 8: 533 -> 309 model calls for 48 tokens).
+`shared_drafts_enabled`; sentence or token granularity with the settings lazy thinking accepts,
+``draft="sentence"``, batch > 1, not with a ``schedule``): without them the rows that start a sentence at a step
+draft their whole next sentence, one thinking forward per draft token, while every other row waits; a batch then
+makes about as many thinking calls per step as the longest of those drafts. With shared drafts a row at a sentence
+start instead drafts ONE token per step and does not write meanwhile, and every step runs one thinking forward for
+all rows: the drafting rows feed their next draft token (in the thinking cache itself, at the positions after their
+read tokens; the entries become masked holes once the draft ends) and the writing rows read the token they emitted
+at the previous step (so the forward stays one position wide and the caches grow by one column a step). Then one
+base forward for the writing rows (the drafting rows get a masked hole). A row's sentence still costs its read, its
+draft and its writing, but the rows no longer wait for each other: about two model calls per step. Same tokens,
+decisions and stats (tested). It pays where a call costs its launches (a GPU); on a CPU every row costs its position
+in both forwards, drafting or not. Measured on the organism with the demo's SAE and vectors (CPU, batch 16,
+``bench_hybrid.py``): 512 tokens with eos masked, 4,592 -> 2,096 model calls but 552 -> 399 tokens/s (the base cache
+holds a hole for every step a row drafted); 32 test problems run to their end, 818 -> 621 calls, 926 -> 843
+tokens/s. On an H200 (session 9, random-weight Qwen2-1.5B-shaped pair, ``benchmarks/hybrid_stages.py``) 64 tokens at
+batch 16 without them took 1,633 model calls (1,568 of them thinking calls, drafts) against base-only's 64, and a
+call cost about the same at batch 16 as at batch 1: the serialised drafts are the GPU's cost, hence on by default
+there (their GPU speed-up itself was not measured yet). Speculative steps and draft reuse are off with it. In token
+mode (session 9) the rows read lazily as in sentence mode, but a writing row decides at every step, so each step's
+shared forward reads the token it emitted at the step before, and a row whose draft ended decides from the draft and
+writes at once: same tokens, decisions and stats as one-token steps (tested at batch 8: 533 -> 309 model calls for
+48 tokens).
 
 Speculative steps (``speculative``: "off", "single_row", the default, or "always"; with lazy thinking and
 ``draft="sentence"``, not with a ``schedule``): at a sentence start the thinking model has just drafted its whole
