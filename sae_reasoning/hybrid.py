@@ -227,7 +227,7 @@ import random
 import warnings
 import zlib
 from contextlib import ExitStack
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -968,8 +968,9 @@ class HybridGenerator:
             tcache = tmask = tpos = tlogits = None
             if not retok:
                 tcache, tmask, tpos, tlogits = self._prefill_thinking(think_ids)
-            candidate, S, K, lazy, spec, shared, reuse, tspec = astuple(
-                self._paths(B, record, schedule is not None, tcache))
+            paths = self._paths(B, record, schedule is not None, tcache)
+            candidate, S, K, lazy = paths.candidate, paths.S, paths.K, paths.lazy  # by name: no silent reordering
+            spec, shared, reuse, tspec = paths.spec, paths.shared, paths.reuse, paths.tspec
             C = s.rerank_top_c or s.n_candidates
             coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
             bcache, bmask, bpos, feed = self._prefill_base(base_ids, S)

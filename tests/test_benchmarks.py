@@ -33,8 +33,11 @@ def run_script(name, argv, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_benchmark_prints_one_json_object(name, monkeypatch, capsys):
-    result = run_script(name, CASES[name], monkeypatch, capsys)
+def test_benchmark_prints_one_json_object(name, monkeypatch, capsys, tmp_path):
+    out = tmp_path / "result.json"
+    result = run_script(name, CASES[name] + ["--out", str(out)], monkeypatch, capsys)
+    assert json.loads(out.read_text()) == result
+    assert not list(tmp_path.glob("*.partial"))  # bench_hybrid's partial results go once the whole run is written
     assert result["machine"]["nproc"] >= 1 and result["versions"]["torch"]
     if name == "bench_extractor":
         assert all(c["equal"] for c in result["equality"].values())  # same means as the naive way
@@ -78,3 +81,22 @@ def test_hybrid_stages_counts_each_stage_calls(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["stages"] == result["stages"]
     with pytest.raises(SystemExit, match="bad stage 'tokens:1:8'"):
         run_script("hybrid_stages", ["--stages", "tokens:1:8"], monkeypatch, capsys)
+
+
+def test_gpu_warm_up_stops_once_two_timings_agree(monkeypatch):
+    """bench_hybrid's GPU warm-up (run here on the CPU model): it times 32-token base-only loops until two in a row
+    agree within 10% or its budget ends, and reports each loop's time per call."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("_warm_bench_hybrid", BENCH / "bench_hybrid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, base, _ = module.C.load_pair(torch.device("cpu"))
+    prompt = [base.tokenizer("Tom has 3 apples.")["input_ids"]]
+    out = module.warm_until_steady(base, prompt, torch.device("cpu"), n=8, budget_s=20.0)
+    ms = out["ms_per_call"]
+    assert len(ms) >= 1 and all(t > 0 for t in ms)
+    assert out["steady"] == (len(ms) >= 2 and abs(ms[-1] - ms[-2]) <= 0.1 * ms[-2] + 1e-9)
+    if out["steady"]:  # it stopped at the first agreeing pair
+        assert all(abs(b - a) > 0.1 * a for a, b in zip(ms[:-2], ms[1:-1]))
