@@ -548,7 +548,8 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
     """Shared drafts (8 rows): each row drafts one token a step in one shared thinking forward while the others
     write, instead of every row waiting while the rows at a sentence start draft their whole sentence. The same
     tokens, decisions and stats as lazy thinking (and one-token steps: above), in fewer sequential model calls; in
-    token mode (a decision at every step), the same as token mode's one-token steps, random_behavior included."""
+    token mode (a decision at every step), the same as token mode's one-token steps, random_behavior and
+    random_vectors included."""
     vecs, bias = vectors
     questions = ["Tom saw a big dog", "The sun was hot", "Lily had a red ball", "Once upon a time there was a cat",
                  "Ben and Mia went to the park", "The little bird sang", "A girl found a shiny box",
@@ -563,7 +564,9 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                      ("lazy_token", dict(granularity="token", shared_drafts=False)),  # one-token steps
                      ("shared_token", dict(granularity="token", shared_drafts=True)),
                      ("lazy_token_random", dict(granularity="token", shared_drafts=False, control="random_behavior")),
-                     ("shared_token_random", dict(granularity="token", shared_drafts=True, control="random_behavior"))):
+                     ("shared_token_random", dict(granularity="token", shared_drafts=True, control="random_behavior")),
+                     ("lazy_token_rv", dict(granularity="token", shared_drafts=False, control="random_vectors")),
+                     ("shared_token_rv", dict(granularity="token", shared_drafts=True, control="random_vectors"))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
         n, widths = [0], []
@@ -578,7 +581,7 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
         calls[name] = n[0]
         if name.startswith("shared"):  # after the prompt, one position a step: the cache grows a column a step
             assert set(widths[1:]) == {1}, sorted(set(widths))
-    for name in ("", "_short", "_untracked", "_token", "_token_random"):
+    for name in ("", "_short", "_untracked", "_token", "_token_random", "_token_rv"):
         assert out["shared" + name] == out["lazy" + name], name
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
@@ -586,6 +589,7 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
     assert calls["shared_token"] < 0.8 * calls["lazy_token"], calls
     assert out["shared_token"] != out["shared"]  # token mode decides at every step: other tokens
     assert out["shared_token_random"] != out["shared_token"]  # the random behaviors steer otherwise
+    assert out["shared_token_rv"] != out["shared_token"]  # and so do random vectors
     assert out["default"] == out["lazy"] and calls["default"] == calls["lazy"], calls  # the CPU default: unshared
 
 
