@@ -37,8 +37,9 @@
 # PARTS (the runs to make, default all: "hybrid hybrid_b16 sae_grid extractor steering hybrid256 hybrid_profile
 # hybrid_shared"; a lease too short for all of them is split into two commands, e.g. PARTS="sae_grid extractor
 # steering" then PARTS=hybrid). The hybrid's figures, the ones still missing on a GPU, fit one 15-minute lease:
-#   OUT=$OUT BUDGET_S=560 PARTS="hybrid hybrid_b16 hybrid_shared" bash benchmarks/gpu_check.sh   (timeout_s 590)
-# (estimated at 25 ms a model call: ~130 s + ~150 s + ~120 s, plus ~25 s of wheel install).
+#   OUT=$OUT BUDGET_S=570 PARTS="hybrid hybrid_b16 hybrid_shared" bash benchmarks/gpu_check.sh   (timeout_s 595)
+# (estimated at 25 ms a model call: ~130 s + ~150 s + ~170 s with its call counts, plus ~25 s of wheel install;
+# hybrid_shared starts only if its 200 s still fit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -144,7 +145,7 @@ EOF
     # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16, both modes) and
     # speculative steps off vs on (batch 1)
     # (64 tokens: unshared drafts at batch 16 made 1,633 calls for 64 tokens in session 9, ~40 s a run)
-    optional hybrid_shared bench_hybrid 180 --tokens 64 --batches 1,16 --diag unshared_drafts,token_unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 200 --tokens 64 --batches 1,16 --diag unshared_drafts,token_unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary
