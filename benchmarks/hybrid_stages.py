@@ -5,8 +5,9 @@ comparison): for a short GPU lease where `bench_hybrid.py` reports nothing until
 
 A stage is KIND:BATCH:TOKENS with KIND one of base (the cached greedy loop), hf (`generate`), sentence, token
 (`HybridGenerator` with bench_hybrid's default settings and random SAE/vectors), ref_agree / ref_disagree (one
-reference step at a prefix of TOKENS generated tokens; BATCH ignored), or profile_sentence / profile_token (cProfile
-of the run: the top functions by cumulative time). Each stage prints one line to stderr (seconds, tokens/s, the
+reference step at a prefix of TOKENS generated tokens; BATCH ignored), profile_sentence / profile_token (cProfile
+of the run: the top functions by cumulative time), or warm (bench_hybrid's GPU warm-up: TOKENS-token base-only loops
+until two in a row agree within 10%, up to 60 s; BATCH ignored). Each stage prints one line to stderr (seconds, tokens/s, the
 model calls it made: `count_forwards`) and the JSON written to --out is rewritten after every stage, so a run cut
 short by a timeout still leaves what it measured. EOS is masked as in bench_hybrid.py (every run writes N tokens).
 """
@@ -23,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import bench_hybrid as H  # noqa: E402
 
-DEFAULT_STAGES = ("base:1:64,sentence:1:64,token:1:64,ref_agree:1:64,ref_disagree:1:64,base:16:32,sentence:16:32,"
+DEFAULT_STAGES = ("warm:1:32,base:1:64,sentence:1:64,token:1:64,ref_agree:1:64,ref_disagree:1:64,base:16:32,sentence:16:32,"
                   "token:16:32,profile_token:1:64,profile_sentence:16:32,base:1:512,sentence:1:512,token:1:512")
-KINDS = ("base", "hf", "sentence", "token", "ref_agree", "ref_disagree", "profile_sentence", "profile_token")
+KINDS = ("base", "hf", "sentence", "token", "ref_agree", "ref_disagree", "profile_sentence", "profile_token", "warm")
 
 
 def parse_stages(text: str) -> list[tuple[str, int, int]]:
@@ -84,7 +85,9 @@ def main() -> None:
         for kind, b, n in stages:
             bp, tp = base_prompts[:b], think_prompts[:b]
             row: dict = {"stage": f"{kind}:{b}:{n}"}
-            if kind.startswith("ref_"):
+            if kind == "warm":
+                fn = (lambda: H.warm_until_steady(base, base_prompts[:1], device, n=n))
+            elif kind.startswith("ref_"):
                 if len(continuation) < n:
                     continuation = H.base_cached_loop(base, base_prompts[:1], n)[0]
                 bseq, tseq = base_prompts[0] + continuation[:n], think_prompts[0] + continuation[:n]
@@ -111,6 +114,8 @@ def main() -> None:
                 row["text_head"] = base.tokenizer.decode(out[0]["token_ids"][:120]) if "token_ids" in out[0] else None
             elif kind in ("base", "hf"):
                 row["tokens_per_s"] = b * n / row["seconds"]
+            elif kind == "warm":
+                row["warm_up"] = out
             result["stages"].append(row)
             save()
             extra = {k: row[k] for k in ("tokens_per_s", "n_decisions", "n_drafts", "calls") if k in row}

@@ -69,10 +69,12 @@ def test_hybrid_stages_counts_each_stage_calls(tmp_path, monkeypatch, capsys):
     must make: the cached loop one base call a token, a reference step 2 thinking calls and 1 base call, plus the
     10 x 5 steered base calls where it disagrees. The JSON written to --out holds every stage."""
     out = tmp_path / "stages.json"
-    result = run_script("hybrid_stages", ["--quick", "--stages", "base:1:8,sentence:2:8,ref_agree:1:4,ref_disagree:1:4",
-                                          "--out", str(out)], monkeypatch, capsys)
+    result = run_script("hybrid_stages", ["--quick", "--stages", "warm:1:8,base:1:8,sentence:2:8,ref_agree:1:4,"
+                                          "ref_disagree:1:4", "--out", str(out)], monkeypatch, capsys)
     stages = {s["stage"]: s for s in result["stages"]}
-    assert list(stages) == ["base:1:8", "sentence:2:8", "ref_agree:1:4", "ref_disagree:1:4"]
+    assert list(stages) == ["warm:1:8", "base:1:8", "sentence:2:8", "ref_agree:1:4", "ref_disagree:1:4"]
+    loops = len(stages["warm:1:8"]["warm_up"]["ms_per_call"])  # each warm-up loop: 8 base calls
+    assert stages["warm:1:8"]["calls"]["base"]["calls"] == 8 * loops and loops >= 1
     assert {k: v["calls"] for k, v in stages["base:1:8"]["calls"].items()} == {"thinking": 0, "base": 8}
     assert stages["sentence:2:8"]["calls"]["thinking"]["calls"] >= 1 and stages["sentence:2:8"]["tokens_per_s"] > 0
     assert stages["sentence:2:8"]["n_decisions"] >= 2  # each row decides at its first sentence
