@@ -170,7 +170,8 @@ class HybridConfig:
     # step instead of one per draft token of the longest draft. Same results. null (the default) = on where the base
     # model runs on CUDA, off elsewhere: on a GPU a call costs its launches, not its rows (an H200, session 9: 64
     # tokens at batch 16 without them took 1,633 model calls against base-only's 64); on a CPU a waiting row still
-    # costs its positions, so it does not pay there (28% slower at 512 tokens, batch 16)
+    # costs its positions, so it does not pay there (28% slower at 512 tokens, batch 16). Memory: both caches grow
+    # by a column every step for every row, drafting steps included (on the organism ~1.8 steps a token at batch 16)
     shared_drafts: Optional[bool] = None
 
 
