@@ -86,7 +86,7 @@ def test_hybrid_stages_counts_each_stage_calls(tmp_path, monkeypatch, capsys):
 
 
 def test_gpu_warm_up_stops_once_two_timings_agree(monkeypatch):
-    """bench_hybrid's GPU warm-up (run here on the CPU model): it times 32-token base-only loops until two in a row
+    """bench_hybrid's GPU warm-up (run here on the CPU model): it times n-token base-only loops until two in a row
     agree within 10% or its budget ends, and reports each loop's time per call."""
     import torch
 
