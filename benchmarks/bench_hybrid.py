@@ -192,22 +192,40 @@ def base_cached_loop_lengths(base, prompts, lengths: list[int], batch: int) -> l
     return out
 
 
+def random_artifacts(thinking, base, cuda: bool):
+    """The benchmark's default steering artifacts: a random SAE (15 latents, k 3), 15 random unit vectors and a
+    random bias of norm 0.5, with the layers: the paper's (SAE 4, steering 10) for the GPU's 28-layer Qwen2-1.5B
+    shape, else SAE at the middle block and steering at 37% depth. Returns (sae, sae_layer, steering_layer,
+    vectors [15, d], bias [d])."""
+    from sae_reasoning.sae import TopKSAE
+
+    n_layers = base.n_layers
+    if cuda and n_layers == 28:
+        steering_layer, sae_layer = 10, 4  # the paper's Qwen2.5-Math-1.5B <- R1-Distill-Qwen-1.5B pair
+    else:
+        steering_layer, sae_layer = round(0.37 * n_layers), max(0, min(n_layers - 1, n_layers // 2))
+    sae = TopKSAE.from_init(thinking.d_model, 15, k=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(15, base.d_model, generator=g)
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True)
+    bias = torch.randn(base.d_model, generator=g)
+    return sae, sae_layer, steering_layer, vectors, 0.5 * bias / bias.norm()
+
+
 def warm_until_steady(base, prompts, device, n: int = 32, budget_s: float = 60.0) -> dict:
     """GPU only: time 32-token base-only loops until two in a row agree within 10% (or `budget_s` runs out), so the
     timed rounds start in the steady state. On the H200 in session 9 one process's model calls went from ~120 ms
     to ~25 ms over its first minutes; the per-call times are returned for the JSON."""
-    times, t_end = [], time.perf_counter() + budget_s
-    while time.perf_counter() < t_end:
+    times, steady, t_end = [], False, time.perf_counter() + budget_s
+    while not steady and time.perf_counter() < t_end:
         C.sync(device)
         t0 = time.perf_counter()
         base_cached_loop(base, prompts, n)
         C.sync(device)
         times.append((time.perf_counter() - t0) / n)
-        if len(times) >= 2 and abs(times[-1] - times[-2]) <= 0.1 * times[-2]:
-            break
+        steady = len(times) >= 2 and abs(times[-1] - times[-2]) <= 0.1 * times[-2]
     C.log("  warm-up, ms per base call: " + ", ".join(f"{t * 1e3:.1f}" for t in times))
-    return {"ms_per_call": [t * 1e3 for t in times], "steady": len(times) >= 2 and abs(times[-1] - times[-2])
-            <= 0.1 * times[-2]}
+    return {"ms_per_call": [t * 1e3 for t in times], "steady": steady}
 
 
 def hybrid_run(gen, base_ids, think_ids) -> list[dict]:
@@ -361,7 +379,6 @@ def main() -> None:
     device = C.setup(args)
     from sae_reasoning.hybrid import HybridGenerator, HybridSettings
     from sae_reasoning.organism import make_splits
-    from sae_reasoning.sae import TopKSAE
 
     cuda = device.type == "cuda"
     thinking, base, model_info = C.load_pair(
@@ -372,18 +389,8 @@ def main() -> None:
     n_check = args.ref_checkpoints or (3 if args.quick else 5)
     n_live = args.ref_live if args.ref_live is not None else (2 if args.quick else 6)
 
-    n_layers = base.n_layers
-    if cuda and n_layers == 28:
-        steering_layer, sae_layer = 10, 4  # the paper's Qwen2.5-Math-1.5B <- R1-Distill-Qwen-1.5B pair
-    else:
-        steering_layer, sae_layer = round(0.37 * n_layers), max(0, min(n_layers - 1, n_layers // 2))
-    n_latents = 15
-    sae = TopKSAE.from_init(thinking.d_model, n_latents, k=3, seed=0)
-    g = torch.Generator().manual_seed(0)
-    vectors = torch.randn(n_latents, base.d_model, generator=g)
-    vectors = vectors / vectors.norm(dim=-1, keepdim=True)
-    bias = torch.randn(base.d_model, generator=g)
-    bias = 0.5 * bias / bias.norm()
+    sae, sae_layer, steering_layer, vectors, bias = random_artifacts(thinking, base, cuda)
+    n_latents = sae.n_latents
     artifacts = "random SAE (15 latents, k 3) and random unit vectors, bias norm 0.5"
     if args.artifacts:
         from sae_reasoning.hybrid_stage import chosen_taxonomy, load_chosen_sae, resolve_behavior_scales

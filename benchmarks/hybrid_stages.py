@@ -47,22 +47,12 @@ def main() -> None:
     device = C.setup(args)
     from sae_reasoning.hybrid import HybridGenerator
     from sae_reasoning.organism import make_splits
-    from sae_reasoning.sae import TopKSAE
-
-    import torch
 
     t0 = time.perf_counter()
     thinking, base, info = C.load_pair(device, quick_gpu_layers=8 if args.quick else None,
                                        random_models=args.random_models)
-    n_layers = base.n_layers
-    steering_layer, sae_layer = (10, 4) if n_layers == 28 else (round(0.37 * n_layers), n_layers // 2)
-    sae = TopKSAE.from_init(thinking.d_model, 15, k=3, seed=0)
-    g = torch.Generator().manual_seed(0)
-    vectors = torch.randn(15, base.d_model, generator=g)
-    vectors = vectors / vectors.norm(dim=-1, keepdim=True)
-    bias = torch.randn(base.d_model, generator=g)
-    bias = 0.5 * bias / bias.norm()
-    vec_map = {i: vectors[i] for i in range(15)}
+    sae, sae_layer, steering_layer, vectors, bias = H.random_artifacts(thinking, base, device.type == "cuda")
+    vec_map = {i: vectors[i] for i in range(len(vectors))}
     result = C.header("hybrid_stages", args, device)
     result.update(models=info, stages=[], load_s=time.perf_counter() - t0)
     C.log(f"hybrid_stages: {info['models']}, loaded in {result['load_s']:.1f}s")

@@ -856,9 +856,7 @@ class HybridGenerator:
         A = first.shape[0]
         eos_ids = self.eos_ids if eos_ids is None else eos_ids
         if rows is not None:
-            tcache = copy.copy(tcache)
-            tcache.layers = [copy.copy(layer) for layer in tcache.layers]
-            tcache.batch_select_indices(rows)  # indexing makes new tensors: the shared cache is left untouched
+            tcache = self._rows_copy(tcache, rows)
         drafts = [_Draft(self.thinking.tokenizer, eos_ids) for _ in range(A)]
         nxt: list[int] = [0] * A
         fed_h: list[list[Tensor]] = [[] for _ in range(A)]
@@ -1465,9 +1463,7 @@ class HybridGenerator:
         bdev, tdev = bmask.device, tmask.device
         tables = [r.vectors] if self.settings.control == "random_vectors" else None
         delta, _, _ = self._deltas(behavior[:1].to(bdev), coefs[None, :1], tables)  # [1, 1, d] or None
-        cache = copy.copy(bcache)
-        cache.layers = [copy.copy(layer) for layer in cache.layers]
-        cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=bdev))  # the steered row, new tensors
+        cache = self._rows_copy(bcache, torch.zeros(1, dtype=torch.long, device=bdev))  # the steered row
         stream, seq, tok, mask = r.stream.fork(), [], feed[:1], bmask[:1]
         for i in range(limit):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
@@ -1518,6 +1514,15 @@ class HybridGenerator:
             behavior, _ = self._decide([r], H[o, first:end].float().mean(0)[None])  # one row: one-token rounding
             behaviors.append(int(behavior[0]))
         return behaviors
+
+    @staticmethod
+    def _rows_copy(cache: Any, rows: Tensor) -> Any:
+        """A cache holding only `rows` of `cache`, to extend on its own: indexing makes new tensors, so the shared
+        cache is left untouched (and a copied `GrowingLayer` never appends into the original's buffer)."""
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+        cache.batch_select_indices(rows)
+        return cache
 
     @staticmethod
     def _crop(cache: Any, n: int) -> None:
