@@ -148,12 +148,26 @@ def _kmeanspp_batch(x: Tensor, x_t: Tensor, sq: Tensor, u: Tensor) -> Tensor:
     return idx
 
 
+# scores per block of points in `_nearest` on a CPU: 2**18 floats (1 MB) stay in the core's L2 cache
+_NEAREST_BLOCK_ELEMENTS = 2**18
+
+
 def _nearest(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
     """Index [R, N] of each point's nearest centre in each run (`c` [R, n, d]), the lowest index among ties.
     argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [R, n, N] so that the reduction over the centres
-    vectorises over the points (`_topk_indices`: argmin over a 50-wide row was most of a round)."""
-    scores = torch.baddbmm(c.pow(2).sum(-1, keepdim=True), c, x_t.expand(len(c), -1, -1), alpha=-2)
-    return _topk_indices(scores.neg_(), 1)[:, 0]
+    vectorises over the points (`_topk_indices`: argmin over a 50-wide row was most of a round).
+    On a CPU the points go in blocks whose scores fit in the cache: the reduction's passes over a whole [R, n, N]
+    block (20 MB at 10 runs x 50 centres x 10k points) had cost more than the product; in blocks a round at 50
+    centres takes half the time (benchmarks/README.md). A GPU takes the whole product at once."""
+    R, n, _ = c.shape
+    N = x_t.shape[1]
+    c_sq = c.pow(2).sum(-1, keepdim=True)
+    block = N if x_t.device.type != "cpu" else max(256, _NEAREST_BLOCK_ELEMENTS // (R * n))
+    out = []
+    for i in range(0, N, block):
+        scores = torch.baddbmm(c_sq, c, x_t[:, i:i + block].expand(R, -1, -1), alpha=-2)
+        out.append(_topk_indices(scores.neg_(), 1)[:, 0])
+    return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,7 @@ from sae_reasoning.sae import (
     _Adam,
     _kmeanspp_batch,
     _lloyd_batch,
+    _nearest,
     _Stack,
     _topk_indices,
     euclidean_kmeans_centres,
@@ -205,6 +206,25 @@ def test_lloyd_batch_equals_runs_alone(planted):
                 assign = (c[r].pow(2).sum(1) - 2 * x @ c[r].T).argmin(1)  # the assignment rule of the rounds
                 for j in assign.unique():
                     assert torch.allclose(c[r, j], x[assign == j].mean(0), atol=1e-2)
+
+
+def test_nearest_in_blocks_equals_whole_argmin(monkeypatch):
+    """On a CPU `_nearest` scores the points block by block (cache-sized); with many blocks, a last partial block
+    and exact ties it returns the whole product's argmin, the lowest centre index among ties."""
+    import sae_reasoning.sae as sae_mod
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (1000, 8), generator=gen).float()  # small integers: exact ties between centres
+    c = torch.stack([x[torch.randperm(1000, generator=gen)[:7]] for _ in range(3)])  # [3 runs, 7 centres, 8]
+    c[:, 5] = c[:, 2]  # a duplicated centre: every point of centre 2 ties with 5 and must get 2
+    d2 = torch.cdist(x.double(), c.double()).pow(2)  # [3, 1000, 7], float64, independent of the blocks
+    want = torch.stack([torch.tensor([row.tolist().index(min(row.tolist())) for row in dr]) for dr in d2.round()])
+    x_t, sq = x.T.contiguous(), x.pow(2).sum(1)
+    whole = _nearest(x_t, sq, c)
+    monkeypatch.setattr(sae_mod, "_NEAREST_BLOCK_ELEMENTS", 3 * 7 * 300)  # blocks of 300 points: 4, the last 100
+    blocks = _nearest(x_t, sq, c)
+    assert torch.equal(whole, want) and torch.equal(blocks, want)
+    assert (want == 2).any() and not (want == 5).any()
 
 
 def test_kmeans_centres_as_good_as_sklearn(planted):
