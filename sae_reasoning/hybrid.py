@@ -561,6 +561,72 @@ class _Row:
                                                                 thinking_greedy=[], base_greedy=[], emitted=[]))
 
 
+@dataclass
+class _Batch:
+    """What `_run_batch` carries from step to step: the rows, and each model's cache with its attention mask and
+    next positions. The base's have S rows per problem (`_Paths.S`), the thinking model's one; rows leave both
+    together (`_drop_finished`). Under re-tokenisation the thinking model keeps no state (tcache ... tlogits and H
+    are None)."""
+    rows: list[_Row]  # every row of the batch, in input order
+    active: list[int]  # the rows still decoding, in cache order
+    orig: Tensor  # active position -> batch row (the first axis of H)
+    H: Tensor | None  # [B, max_new_tokens, d]: the thinking model's block-sae_layer output at each emitted token
+    tcache: Any
+    tmask: Tensor | None
+    tpos: Tensor | None  # [A]: the next position of each row (tokens read; drafts do not count)
+    tlogits: Tensor | None  # [A, V]: the thinking logits after the last token each row read
+    bcache: Any
+    bmask: Tensor
+    bpos: Tensor
+    feed: Tensor  # [A]: each row's next base input, the token it emitted last
+
+    @property
+    def arows(self) -> list[_Row]:
+        return [self.rows[i] for i in self.active]
+
+
+@dataclass
+class _Step:
+    """One decode step, filled phase by phase: `_step_decide` (decisions), `_step_base` (the base forward and the
+    chosen tokens), `_step_emit` (tallies). Per-row lists and tensors run over the active rows (A)."""
+    arows: list[_Row]
+    state: list[tuple[int, int, int]]  # each row's current sentence: (cut, first, end) (`SentenceStream.current`)
+    need: list[bool]  # the row decides at this step
+    starts: list[bool]  # its current sentence has no token yet (the decision pools a draft)
+    g_known: list[bool]  # lazy thinking: the thinking greedy token after the row's text is known
+    g: Tensor | None  # [A]: thinking greedy tokens (lazy: stale where not g_known; None: re-tokenisation)
+    tlogp: Tensor | None  # [A, V]: thinking log-probs (candidate mode, unsteered re-ranking)
+    cands: list[list[int]]  # speculative steps: the draft tokens the base verifies
+    g_after: dict[int, list[int]]  # speculative steps: the thinking greedy token after each of them
+    pooled_rows: list[int] = field(default_factory=list)  # the rows that decided, and their pooled activations
+    pooled_t: Tensor | None = None
+    behavior: Tensor | None = None  # [A]: the behavior each row writes with (-1: none)
+    coef_sched: Tensor | None = None  # [A]: a schedule's coefficients
+    pos_beh: list[int] | None = None  # token-mode speculative step: the behavior before each verified position
+    writing: list[bool] | None = None  # shared drafts: the rows that write at this step (the others draft)
+    # filled by _step_base
+    logits: Tensor | None = None  # [A * S, K or 1 + L, V]: the base forward's
+    e: Tensor | None = None  # [A]: each row's emitted token (a one-token step)
+    chosen: Tensor | None = None  # [A]: candidate mode / re-ranking: the chosen candidate
+    options: Tensor | None = None  # [A, K or C]: candidate tokens (candidate mode) or re-ranked tokens
+    sub: Tensor | None = None  # [A]: oracle: the thinking token replaced the base's
+    L: int = 0  # speculative: draft tokens verified in this forward (0: a one-token step)
+    greedy_b: list[list[int]] | None = None  # speculative: [A][1 + L] steered greedy token after each position
+    greedy_u: list[list[int]] | None = None  # the same, unsteered
+    cf: Tensor | None = None  # [A, Kc]: the coefficients
+    use_vec: Tensor | None = None  # [A]: the row got its behavior vector
+    bias_on: Tensor | None = None  # [A]: the row got the bias
+    per_position: list[tuple[int, bool, bool]] | None = None  # token-mode speculative: (behavior, steered, bias)
+    # filled by _step_emit: plain lists (one transfer per step)
+    g_l: list[int | None] = field(default_factory=list)
+    steered_l: list[bool] = field(default_factory=list)
+    bias_l: list[bool] = field(default_factory=list)
+
+    @property
+    def A(self) -> int:
+        return len(self.arows)
+
+
 class HybridGenerator:
     """The hybrid decoder. ``generate(questions)`` returns one result dict per question (see the module doc).
 
@@ -766,25 +832,27 @@ class HybridGenerator:
                 mask[i, :len(x)] = 1
         return ids.to(device), mask.to(device)
 
-    def _emit_verified(self, r: _Row, a: int, cand: list[int], g_after: list[int], greedy_b: list[list[int]],
-                       greedy_u: list[list[int]] | None, g_l: list, g_known: bool, steered: bool, bias: bool,
-                       cut: int, lazy: bool = True, per_position: list[tuple[int, bool, bool]] | None = None) -> int:
-        """Speculative step of row `r` (batch position `a`): the base was fed its last token and then the draft
-        tokens `cand` in one forward at this sentence's delta. Emit the base's greedy token after each fed
+    def _emit_verified(self, st: _Step, a: int, lazy: bool) -> int:
+        """Speculative step of the row at batch position `a`: the base was fed its last token and then the draft
+        tokens `st.cands[a]` in one forward at this sentence's delta. Emit the base's greedy token after each fed
         position while the previous one equalled the draft's, the row's sentence (its cut) stays the same, and it
         neither ends nor runs out of budget: exactly the tokens one-token steps would emit, since each of them is
         predicted from the same prefix with the same delta. Each emitted token is tallied as a one-token step
         (its thinking greedy token: the draft's next one). Token mode (`per_position`): position j had its own
         decision (behavior, steered, bias), made from the running mean over the draft's tokens before it, and
-        counts as one. `g_after[j]`: the thinking model's greedy token after `cand[j]` (a thinking draft's next
-        token; a base self-draft's, read by the thinking model). Returns how many were emitted (>= 1)."""
+        counts as one. `st.g_after[a][j]`: the thinking model's greedy token after draft token j (a thinking
+        draft's next token; a base self-draft's, read by the thinking model). Returns how many were emitted
+        (>= 1)."""
+        r, cand, cut = st.arows[a], st.cands[a], st.state[a][0]
+        steered, bias = st.steered_l[a], st.bias_l[a]
         for j in range(len(cand) + 1):
-            tok = greedy_b[a][j]
-            g = g_l[a] if j == 0 else g_after[j - 1]
-            if per_position is not None:
-                r.behavior, steered, bias = per_position[j]
+            tok = st.greedy_b[a][j]
+            g = st.g_l[a] if j == 0 else st.g_after[a][j - 1]
+            if st.per_position is not None:
+                r.behavior, steered, bias = st.per_position[j]
                 r.counts["decisions"] += j > 0  # position 0's decision is counted where it was made
-            self._tally(r, tok, steered, bias, None if greedy_u is None else greedy_u[a][j], g, j == 0 and not g_known)
+            self._tally(r, tok, steered, bias, None if st.greedy_u is None else st.greedy_u[a][j], g,
+                        j == 0 and not st.g_known[a])
             if self._append(r, tok, lazy=lazy):
                 return j + 1
             if (r.n_steps >= self.settings.max_new_tokens or j == len(cand) or tok != cand[j]
@@ -945,8 +1013,10 @@ class HybridGenerator:
     @torch.inference_mode()
     def _run_batch(self, indices: list[int], base_ids: list[list[int]], think_ids: list[list[int]],
                    schedule: list | None, record: bool, bar: Any, row_keys: list[int] | None = None) -> list[dict]:
+        """Decode one batch (module doc). Each step: decide (`_step_decide`), one steered base forward
+        (`_step_base`), emit and tally (`_step_emit`), drop the finished rows (`_drop_finished`), and on the
+        one-token path the thinking model reads what was emitted (`_read_emitted`)."""
         s = self.settings
-        bdev, tdev = self.base.device, self.thinking.device
         B = len(indices)
         if any(len(x) < 1 for x in base_ids) or any(len(x) < 1 for x in think_ids):
             raise HybridError("empty prompt")
@@ -956,311 +1026,355 @@ class HybridGenerator:
                      vectors=self.random_vectors(key) if s.control == "random_vectors" else None)
                 for i, key in zip(indices, keys)]
         retok = self.retokenize  # the thinking model reads re-encoded text at decisions only: no cache, no H
+        tdev = self.thinking.device
         H = None if retok else torch.zeros(B, s.max_new_tokens, self.thinking.d_model, dtype=self.thinking.model.dtype,
                                            device=tdev)
-        orig = torch.arange(B, device=tdev)  # active position -> batch row (for H)
-
         with ExitStack() as stack:
             stack.enter_context(add_to_resid_post(self.thinking.model, self.sae_layer, self._hook_capture))
             stack.enter_context(add_to_resid_post(self.base.model, self.steering_layer, self._hook_steer))
-            tcache = tmask = tpos = tlogits = None
-            if not retok:
-                tcache, tmask, tpos, tlogits = self._prefill_thinking(think_ids)
-            paths = self._paths(B, record, schedule is not None, tcache)
-            candidate, S, K, lazy = paths.candidate, paths.S, paths.K, paths.lazy  # by name: no silent reordering
-            spec, shared, reuse, tspec = paths.spec, paths.shared, paths.reuse, paths.tspec
-            C = s.rerank_top_c or s.n_candidates
-            coefs = torch.tensor(s.coefficients if candidate else [s.coefficient], device=bdev)
-            bcache, bmask, bpos, feed = self._prefill_base(base_ids, S)
-            active = list(range(B))  # batch rows still decoding, in cache order
-
+            thinking_state = (None,) * 4 if retok else self._prefill_thinking(think_ids)
+            paths = self._paths(B, record, schedule is not None, thinking_state[0])
+            bt = _Batch(rows, list(range(B)), torch.arange(B, device=tdev), H, *thinking_state,
+                        *self._prefill_base(base_ids, paths.S))
+            coefs = torch.tensor(s.coefficients if paths.candidate else [s.coefficient], device=self.base.device)
             # shared drafts: a step may only read or draft, so a row's steps are bounded by a read and a whole
             # draft before each token
-            for step in range(s.max_new_tokens * (s.draft_max_tokens + 2) if shared else s.max_new_tokens):
-                A = len(active)
-                arows = [rows[i] for i in active]
-                # ---- 1. decide
-                state = [r.stream.current() for r in arows]
-                need = [self.decides and (s.granularity == "token" or cut not in r.decided) and r.draft is None
-                        for r, (cut, _, _) in zip(arows, state)]
-                starts = [first == end for (_, first, end) in state]
-                done_drafts: list[int] = []  # shared drafts: rows whose draft ended at this step
-                if shared:
-                    def start_draft(a: int) -> None:  # its first token: the thinking greedy token after what it read
-                        arows[a].draft = _Draft(self.thinking.tokenizer, self.eos_ids)
-                        arows[a].dnext, arows[a].dcols = int(tlogits[a].argmax()), []
-
-                    for a, r in enumerate(arows):  # a row at a sentence start with nothing to read drafts at once
-                        if need[a] and starts[a] and not r.pend:
-                            start_draft(a)
-                    # every row reads what it emitted at the last step (one token: the forward stays one position
-                    # wide, so the cache grows by one column a step, not by the longest backlog)
-                    readers = [a for a, r in enumerate(arows) if r.pend]
-                    if readers or any(r.draft is not None for r in arows):
-                        tmask, tpos, tlogits = self._catch_up(arows, orig, readers, tcache, tmask, tpos, tlogits, H)
-                    for a, r in enumerate(arows):
-                        if a in readers and need[a] and starts[a]:  # read: its draft starts at the next step
-                            start_draft(a)
-                        elif r.draft is not None and a not in readers and (
-                                r.draft.pooled is not None or len(r.draft.fed) >= s.draft_max_tokens):
-                            done_drafts.append(a)
-                            tmask[a, r.dcols] = 0  # the draft's entries become holes
-                    need = [n and r.draft is None for n, r in zip(need, arows)]  # drafting rows decide later
-                elif lazy and any(need) and any(r.pend or r.trail for r in arows):
-                    tmask, tpos, tlogits = self._catch_up(arows, orig, None, tcache, tmask, tpos, tlogits, H)
-                g_known = [not r.pend for r in arows]  # lazy: this step's thinking greedy token known once caught up
-                tlogp = None if retok or lazy else torch.log_softmax(tlogits, -1)  # [A, V]
-                g = None if retok else tlogits.argmax(-1)  # thinking greedy [A] (lazy: stale unless g_known)
-                draft_h = None
-                verify = (spec and (A == 1 or s.speculative == "always")) or (tspec and A == 1)
-                cands: list[list[int]] = [[] for _ in arows]  # speculative: the draft tokens the base verifies
-                g_after: dict[int, list[int]] = {}  # speculative: the thinking greedy token after each draft token
-                pooled_rows, pooled = [], []
-                if retok:
-                    pooled_rows = [a for a, n in enumerate(need) if n]
-                    if pooled_rows:
-                        pooled_t, drafted = self._pool_retokenized(
-                            [think_ids[active[a]] for a in pooled_rows], [arows[a].stream.text for a in pooled_rows],
-                            [state[a][0] for a in pooled_rows])
-                        for a, d in zip(pooled_rows, drafted):
-                            arows[a].counts["drafts"] += d
-                elif shared:
-                    for a in done_drafts:
-                        r = arows[a]
-                        pooled_rows.append(a)
-                        pooled.append(r.draft.result().float())
-                        r.counts["drafts"] += 1
-                        r.draft = None
-                elif any(n and st for n, st in zip(need, starts)):
-                    if s.draft == "sentence":
-                        rows_d = [a for a, (n, st) in enumerate(zip(need, starts)) if n and st]
-                        sel = torch.tensor(rows_d, device=tdev)
-                        draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
-                        seqs: list[list[int]] | None = [] if verify else None
-                        if reuse and A == 1:  # a lone row drafts in place (draft reuse)
-                            r = arows[0]
-                            if r.trail is not None:  # a token-mode draft not used up: drop its unread rest
-                                self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
-                            trail: list[dict] = []
-                            draft_h = self._draft_sentence(g, tmask, tpos, tcache, None, seqs=seqs, trail=trail)
-                            r.trail, r.trail_used = trail[0], 0
-                        else:
-                            draft_h[sel] = self._draft_sentence(g[sel], tmask[sel], tpos[sel], tcache, sel,
-                                                                seqs=seqs)
-                        for a, seq in zip(rows_d, seqs or []):
-                            room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
-                            cands[a] = seq[:-1][:room]
-                            g_after[a] = seq[1:]  # (a greedy draft: its next token; then the one after it)
-                    else:
-                        self._captured = None
-                        self._forward(self.thinking, "draft", g[:, None], torch.cat([tmask, tmask.new_ones(A, 1)], 1),
-                                      tpos[:, None], tcache)
-                        draft_h = self._captured  # [A, d]
-                        for layer in tcache.layers[: self.sae_layer + 1]:
-                            layer.crop(-1)
-                for a, (r, n, st, (cut, first, end)) in enumerate(zip(arows, need, starts, state)):
-                    if not n or retok:
-                        continue
-                    pooled_rows.append(a)
-                    if st:
-                        pooled.append(draft_h[a].float())
-                        r.counts["drafts"] += 1
-                    else:
-                        pooled.append(H[active[a], first:end].float().mean(0))
-                behavior = torch.tensor([r.behavior for r in arows], device=tdev)
-                if pooled_rows:
-                    if not retok:
-                        pooled_t = torch.stack(pooled)
-                    beh, _val = self._decide([arows[a] for a in pooled_rows], pooled_t)
-                    for j, a in enumerate(pooled_rows):
-                        r = arows[a]
-                        r.counts["decisions"] += 1
-                        if s.granularity == "sentence":
-                            r.decided[state[a][0]] = (int(beh[j]), float(_val[j]))
-                        else:
-                            behavior[a] = beh[j]
-                if s.granularity == "sentence" and self.decides:  # (-1 for a row still drafting: it does not write)
-                    behavior = torch.tensor([r.decided.get(cut, (-1,))[0] for r, (cut, _, _) in zip(arows, state)],
-                                            device=tdev)
-                coef_sched = None
-                if schedule is not None:
-                    plan = [schedule[i][step] if step < len(schedule[i]) else (None, 0.0) for i in active]
-                    behavior = torch.tensor([-1 if b is None else int(b) for b, _ in plan], device=tdev)
-                    coef_sched = torch.tensor([float(c) for _, c in plan], device=bdev)
-                for r, b in zip(arows, behavior.tolist()):
-                    r.behavior = b
-                pos_beh = None  # a token-mode speculative step: the behavior decided before each verified position
-                if (tspec and A == 1 and need[0] and not starts[0] and arows[0].trail is None
-                        and s.max_new_tokens - arows[0].n_steps > 1):
-                    # in mid-sentence, off the thinking model's draft: the base drafts the rest of the sentence
-                    cands[0], g_after[0] = self._base_self_draft(
-                        arows[0], behavior, coefs, feed, bcache, bmask, bpos, tcache, tmask, tpos, state[0][0],
-                        min(s.max_new_tokens - arows[0].n_steps - 1, s.draft_max_tokens))
-                if tspec and A == 1 and cands[0]:
-                    pos_beh = self._token_positions(arows[0], int(orig[0]), state[0][0], cands[0], H,
-                                                    int(behavior[0]))
-                    cands[0] = cands[0][:len(pos_beh) - 1]
-                beh_b = behavior.to(bdev)
-                is_active = beh_b >= 0
-                # shared drafts: the rows that write at this step (the others, drafting, get a masked hole)
-                writing = writing_t = None
-                if shared:
-                    writing = [r.draft is None and (not self.decides or s.granularity == "token" or cut in r.decided)
-                               for r, (cut, _, _) in zip(arows, state)]  # (token mode: decided at this step)
-                    if not any(writing):
-                        continue
-                    writing_t = torch.tensor(writing, device=bdev)
-                # ---- 2. steer: delta [A, K, d] for the steered rows
-                if coef_sched is not None and not candidate:
-                    cf = coef_sched[:, None]  # [A, 1]
-                else:
-                    cf = coefs[None, :].expand(A, -1)  # [A, Kc]
-                tables = [r.vectors for r in arows] if s.control == "random_vectors" else None
-                delta, use_vec, bias_on = self._deltas(beh_b, cf, tables)  # [A, Kc, d], [A], [A]
-                if candidate and s.unsteered_candidate and delta is not None:
-                    delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
-                per_position = None
-                if pos_beh is not None:  # token-mode speculative step (one row): a delta per verified position
-                    p_delta, p_vec, p_bias = self._deltas(torch.tensor(pos_beh, device=bdev), cf[:1].expand(
-                        len(pos_beh), -1), None if tables is None else tables * len(pos_beh))
-                    delta = None if p_delta is None else p_delta[:, 0][None]  # [1, 1 + L, d]
-                    per_position = list(zip(pos_beh, (p_vec & (cf[0, 0] != 0) & self.steers).tolist(),
-                                            (p_bias & (self.bias is not None) & self.steers).tolist()))
-                if delta is not None and S == 2:  # interleave the unsteered rows (zero delta)
-                    delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
-                R = A * S
-                # the new base column of each row: 1, or 0 for a row that does not write (shared drafts)
-                col = (bmask.new_ones(R, 1) if writing is None else
-                       writing_t.repeat_interleave(S)[:, None].to(bmask.dtype))
-                L = max(len(c) for c in cands)  # speculative: draft tokens verified in this forward (0: none)
-                if L:  # each row: its fed token + its draft's tokens (padded with masked positions) at one delta
-                    inp, cols = self._right_pad([[f] + c for f, c in zip(feed.tolist(), cands)], 1 + L, self.pad_id,
-                                                bdev)
-                    inp, cols = inp.repeat_interleave(S, 0), cols.repeat_interleave(S, 0)
-                    mask_in, pos_in = torch.cat([bmask, cols], 1), bpos[:, None] + torch.arange(1 + L, device=bdev)
-                else:
-                    inp, pos_in = feed.repeat_interleave(S)[:, None].expand(R, K), bpos[:, None].expand(R, K)
-                    if K == 1:
-                        mask_in = torch.cat([bmask, col], 1)
-                    else:
-                        mask_in = self._candidate_mask(bmask, K, self.base.model.dtype)
-                self._delta = delta
-                logits = self._forward(self.base, "base", inp, mask_in, pos_in, bcache).float()
-                self._delta = None
-                steered_logits = logits[0::S]  # [A, K, V]
-                u = logits[1::2, 0].argmax(-1) if S == 2 else (None if self.steers else logits[:, 0].argmax(-1))
-                # ---- 3. emit
-                chosen = torch.zeros(A, dtype=torch.long, device=bdev)
-                if candidate:
-                    cand = steered_logits.argmax(-1)  # [A, K]
-                    score = tlogp.to(bdev).gather(1, cand)
-                    chosen = torch.where(is_active, score.argmax(1), 0)
-                    e = cand.gather(1, chosen[:, None])[:, 0]
-                    self._keep_candidate(bcache, bmask.shape[1], chosen.repeat_interleave(S) * (
-                        torch.arange(R, device=bdev) % S == 0), K)
-                elif s.control == "oracle":
-                    base_greedy = steered_logits[:, 0].argmax(-1)
-                    sub = is_active & (g.to(bdev) != base_greedy)
-                    e = torch.where(sub, g.to(bdev), base_greedy)
-                elif s.control == "unsteered_rerank":
-                    top = steered_logits[:, 0].topk(C, -1).indices  # [A, C]
-                    score = tlogp.to(bdev).gather(1, top)
-                    chosen = torch.where(is_active, score.argmax(1), 0)
-                    e = top.gather(1, chosen[:, None])[:, 0]
-                else:
-                    e = steered_logits[:, 0].argmax(-1)
-                    if writing is not None:  # a drafting row keeps the token it will feed when it writes
-                        e = torch.where(writing_t, e, feed)
-                if L:  # [A][1 + L]: the steered (and unsteered) greedy token after each fed position
-                    greedy_b = steered_logits.argmax(-1).tolist()
-                    greedy_u = logits[1::2].argmax(-1).tolist() if S == 2 else (None if self.steers else greedy_b)
-                else:
-                    bmask = torch.cat([bmask, col], 1)
-                    bpos = bpos + col[:, 0]
-                # ---- stats
-                if candidate:
-                    k_coef = torch.where(chosen < len(s.coefficients), coefs[chosen.clamp(max=len(coefs) - 1)], 0.0)
-                else:
-                    k_coef = cf[:, 0] if self.steers else torch.zeros(A, device=bdev)
-                steered = use_vec & (k_coef != 0) & self.steers
-                if candidate and s.unsteered_candidate:
-                    bias_on = bias_on & (chosen < len(s.coefficients))
-                # one transfer per step, not one per row
-                e_l, st_l, ch_l = e.tolist(), steered.tolist(), chosen.tolist()
-                g_l = [None] * A if g is None else g.tolist()
-                u_l = None if u is None else u.tolist()
-                bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
-                sub_l = sub.tolist() if s.control == "oracle" else [False] * A
-                n_emitted = []  # speculative steps: tokens emitted per row
-                for a, r in enumerate(arows):
-                    if writing is not None and not writing[a]:
-                        continue
-                    if L:
-                        n_emitted.append(self._emit_verified(r, a, cands[a], g_after.get(a), greedy_b, greedy_u, g_l,
-                                                             g_known[a], st_l[a], bias_l[a], state[a][0], lazy,
-                                                             per_position))
-                        continue
-                    self._tally(r, e_l[a], st_l[a], bias_l[a], None if u_l is None else u_l[a], g_l[a],
-                                not g_known[a])
-                    c = r.counts
-                    c["substituted"] += sub_l[a]
-                    if candidate or s.control == "unsteered_rerank":
-                        c["reranked"] += ch_l[a] != 0
-                    if record:
-                        rec = r.record
-                        k = ch_l[a] if candidate else 0
-                        rec["step_logits"].append(steered_logits[a, k].cpu())
-                        rec["candidate_logits"].append(steered_logits[a].cpu())
-                        rec["unsteered_logits"].append(logits[a * S + 1, 0].cpu() if S == 2 else None)
-                        j = pooled_rows.index(a) if a in pooled_rows else None
-                        rec["pooled"].append(None if j is None else pooled_t[j].cpu())
-                        rec["at_start"].append(starts[a] if need[a] else None)
-                        rec["behavior"].append(r.behavior)
-                        rec["coefficient"].append(float(k_coef[a]))
-                        rec["candidates"].append(cand[a].tolist() if candidate else (
-                            top[a].tolist() if s.control == "unsteered_rerank" else None))
-                        rec["thinking_greedy"].append(g_l[a])
-                        rec["base_greedy"].append(None if u_l is None else u_l[a])
-                        rec["emitted"].append(e_l[a])
-                    self._append(r, e_l[a], lazy)
-                if L:  # keep each row's fed positions whose predictions were emitted; the rest become holes
-                    n_t = torch.tensor(n_emitted, device=bdev).repeat_interleave(S)
-                    bmask = torch.cat([bmask, (torch.arange(1 + L, device=bdev)[None] < n_t[:, None]).to(bmask.dtype)],
-                                      1)
-                    bpos = bpos + n_t
-                    e = torch.tensor([greedy_b[a][n - 1] for a, n in enumerate(n_emitted)], device=bdev)  # next feed
-                done = [r.finished or r.n_steps >= s.max_new_tokens for r in arows]
-                if lazy and any(d and r.pending_u for d, r in zip(done, arows)):
-                    # settle a leaving row's stats
-                    tmask, tpos, tlogits = self._catch_up(arows, orig, None, tcache, tmask, tpos, tlogits, H)
-                # ---- drop finished (and truncated) rows
-                keep = [a for a, d in enumerate(done) if not d]
-                for d in done:
-                    if d:
-                        bar.update(1)
-                if not keep:
-                    active = []
-                    break
-                if len(keep) < A:
-                    kb = torch.tensor(keep, device=bdev)
-                    kbs = (kb[:, None] * S + torch.arange(S, device=bdev)).flatten()
-                    bcache.batch_select_indices(kbs)
-                    bmask, bpos = bmask[kbs], bpos[kbs]
-                    if not retok:
-                        kt = kb.to(tdev)
-                        tcache.batch_select_indices(kt)
-                        tmask, tpos, orig, tlogits = tmask[kt], tpos[kt], orig[kt], tlogits[kt]
-                    e = e[kb]
-                    active = [active[a] for a in keep]
-                feed = e
-                if step == s.max_new_tokens - 1 or retok or lazy:
+            for step in range(s.max_new_tokens * (s.draft_max_tokens + 2) if paths.shared else s.max_new_tokens):
+                st = self._step_decide(bt, paths, step, schedule, think_ids, coefs)
+                if st is None:  # shared drafts: every row is drafting
                     continue
-                # ---- 4. the thinking model reads the emitted token (a token-mode speculative step: the tokens)
-                tmask, tpos, tlogits = self._read_emitted([rows[i] for i in active], greedy_b[0][:n_emitted[0]] if L
-                                                          else None, e, tcache, tmask, tpos, tlogits, H, orig)
-            for i in active:
+                self._step_base(bt, paths, st, coefs)
+                n_emitted = self._step_emit(bt, paths, st, coefs, record)
+                if not self._drop_finished(bt, paths, st, bar):
+                    break
+                if step == s.max_new_tokens - 1 or retok or paths.lazy:
+                    continue
+                # the thinking model reads the emitted token (a token-mode speculative step: the tokens)
+                self._read_emitted(bt, st.greedy_b[0][:n_emitted[0]] if st.L else None)
+            for _ in bt.active:
                 bar.update(1)
         return [self._result(r, record) for r in rows]
+
+    def _step_decide(self, bt: _Batch, paths: _Paths, step: int, schedule: list | None, think_ids: list[list[int]],
+                     coefs: Tensor) -> _Step | None:
+        """Phase 1 of a step: bring the thinking model up to date where a row decides (lazy catch-up, shared drafts),
+        pool each deciding row's sentence (`_pool_step`), decide, and for a token-mode speculative step gather the
+        positions the base verifies. None: shared drafts, and no row writes at this step."""
+        s, tdev = self.settings, self.thinking.device
+        arows = bt.arows
+        state = [r.stream.current() for r in arows]
+        need = [self.decides and (s.granularity == "token" or cut not in r.decided) and r.draft is None
+                for r, (cut, _, _) in zip(arows, state)]
+        starts = [first == end for (_, first, end) in state]
+        done_drafts: list[int] = []  # shared drafts: rows whose draft ended at this step
+        if paths.shared:
+            done_drafts = self._shared_draft_turn(bt, need, starts)
+            need = [n and r.draft is None for n, r in zip(need, arows)]  # drafting rows decide later
+        elif paths.lazy and any(need) and any(r.pend or r.trail for r in arows):
+            self._catch_up(bt, None)
+        st = _Step(arows=arows, state=state, need=need, starts=starts,
+                   g_known=[not r.pend for r in arows],  # lazy: this step's greedy token known once caught up
+                   g=None if self.retokenize else bt.tlogits.argmax(-1),
+                   tlogp=None if self.retokenize or paths.lazy else torch.log_softmax(bt.tlogits, -1),
+                   cands=[[] for _ in arows], g_after={})
+        self._pool_step(bt, paths, st, done_drafts, think_ids)
+        behavior = torch.tensor([r.behavior for r in arows], device=tdev)
+        if st.pooled_rows:
+            beh, val = self._decide([arows[a] for a in st.pooled_rows], st.pooled_t)
+            for j, a in enumerate(st.pooled_rows):
+                r = arows[a]
+                r.counts["decisions"] += 1
+                if s.granularity == "sentence":
+                    r.decided[state[a][0]] = (int(beh[j]), float(val[j]))
+                else:
+                    behavior[a] = beh[j]
+        if s.granularity == "sentence" and self.decides:  # (-1 for a row still drafting: it does not write)
+            behavior = torch.tensor([r.decided.get(cut, (-1,))[0] for r, (cut, _, _) in zip(arows, state)],
+                                    device=tdev)
+        if schedule is not None:
+            plan = [schedule[i][step] if step < len(schedule[i]) else (None, 0.0) for i in bt.active]
+            behavior = torch.tensor([-1 if b is None else int(b) for b, _ in plan], device=tdev)
+            st.coef_sched = torch.tensor([float(c) for _, c in plan], device=self.base.device)
+        for r, b in zip(arows, behavior.tolist()):
+            r.behavior = b
+        st.behavior = behavior
+        if paths.tspec and st.A == 1:
+            r, cut = arows[0], state[0][0]
+            if need[0] and not starts[0] and r.trail is None and s.max_new_tokens - r.n_steps > 1:
+                # in mid-sentence, off the thinking model's draft: the base drafts the rest of the sentence
+                st.cands[0], st.g_after[0] = self._base_self_draft(
+                    bt, behavior, coefs, cut, min(s.max_new_tokens - r.n_steps - 1, s.draft_max_tokens))
+            if st.cands[0]:
+                st.pos_beh = self._token_positions(r, int(bt.orig[0]), cut, st.cands[0], bt.H, int(behavior[0]))
+                st.cands[0] = st.cands[0][:len(st.pos_beh) - 1]
+        if paths.shared:  # the rows that write at this step (the others, drafting, get a masked hole)
+            st.writing = [r.draft is None and (not self.decides or s.granularity == "token" or cut in r.decided)
+                          for r, (cut, _, _) in zip(arows, state)]  # (token mode: decided at this step)
+            if not any(st.writing):
+                return None
+        return st
+
+    def _shared_draft_turn(self, bt: _Batch, need: list[bool], starts: list[bool]) -> list[int]:
+        """Shared drafts, at the start of a step: a row at a sentence start with nothing to read starts its draft at
+        once; every row reads the token it emitted at the last step while every drafting row feeds its next draft
+        token, in ONE thinking forward (`_catch_up`); a row that has just read at a sentence start drafts from the
+        next step. Returns the rows whose draft ended (its cache entries become masked holes)."""
+        s, arows = self.settings, bt.arows
+
+        def start_draft(a: int) -> None:  # its first token: the thinking greedy token after what it read
+            arows[a].draft = _Draft(self.thinking.tokenizer, self.eos_ids)
+            arows[a].dnext, arows[a].dcols = int(bt.tlogits[a].argmax()), []
+
+        for a, r in enumerate(arows):
+            if need[a] and starts[a] and not r.pend:
+                start_draft(a)
+        # one token read a step: the forward stays one position wide, so the cache grows by one column a step, not
+        # by the longest backlog
+        readers = [a for a, r in enumerate(arows) if r.pend]
+        if readers or any(r.draft is not None for r in arows):
+            self._catch_up(bt, readers)
+        done: list[int] = []
+        for a, r in enumerate(arows):
+            if a in readers and need[a] and starts[a]:
+                start_draft(a)
+            elif r.draft is not None and a not in readers and (
+                    r.draft.pooled is not None or len(r.draft.fed) >= s.draft_max_tokens):
+                done.append(a)
+                bt.tmask[a, r.dcols] = 0
+        return done
+
+    def _pool_step(self, bt: _Batch, paths: _Paths, st: _Step, done_drafts: list[int],
+                   think_ids: list[list[int]]) -> None:
+        """The pooled activation of each row that decides at this step (`st.pooled_rows`, `st.pooled_t`): at a
+        sentence start its thinking draft's (drafted now, or a shared draft that has just ended), in mid-sentence
+        the running mean over the sentence's tokens in H; under re-tokenisation both from the re-encoded text.
+        Speculative steps: each draft's tokens go to `st.cands`, the thinking greedy token after each to
+        `st.g_after`."""
+        s, tdev = self.settings, self.thinking.device
+        arows, need, starts, A = st.arows, st.need, st.starts, st.A
+        verify = (paths.spec and (A == 1 or s.speculative == "always")) or (paths.tspec and A == 1)
+        pooled: list[Tensor] = []
+        draft_h = None
+        if self.retokenize:
+            st.pooled_rows = [a for a, n in enumerate(need) if n]
+            if st.pooled_rows:
+                st.pooled_t, drafted = self._pool_retokenized(
+                    [think_ids[bt.active[a]] for a in st.pooled_rows], [arows[a].stream.text for a in st.pooled_rows],
+                    [st.state[a][0] for a in st.pooled_rows])
+                for a, d in zip(st.pooled_rows, drafted):
+                    arows[a].counts["drafts"] += d
+            return
+        if paths.shared:
+            for a in done_drafts:
+                r = arows[a]
+                st.pooled_rows.append(a)
+                pooled.append(r.draft.result().float())
+                r.counts["drafts"] += 1
+                r.draft = None
+        elif any(n and at_start for n, at_start in zip(need, starts)):
+            g = st.g
+            if s.draft == "sentence":
+                rows_d = [a for a, (n, at_start) in enumerate(zip(need, starts)) if n and at_start]
+                sel = torch.tensor(rows_d, device=tdev)
+                draft_h = torch.zeros(A, self.thinking.d_model, device=tdev)
+                seqs: list[list[int]] | None = [] if verify else None
+                if paths.reuse and A == 1:  # a lone row drafts in place (draft reuse)
+                    r = arows[0]
+                    if r.trail is not None:  # a token-mode draft not used up: drop its unread rest
+                        self._crop(bt.tcache, len(r.trail["fed"]) - r.trail_used)
+                    trail: list[dict] = []
+                    draft_h = self._draft_sentence(g, bt.tmask, bt.tpos, bt.tcache, None, seqs=seqs, trail=trail)
+                    r.trail, r.trail_used = trail[0], 0
+                else:
+                    draft_h[sel] = self._draft_sentence(g[sel], bt.tmask[sel], bt.tpos[sel], bt.tcache, sel,
+                                                        seqs=seqs)
+                for a, seq in zip(rows_d, seqs or []):
+                    room = s.max_new_tokens - arows[a].n_steps - 1  # the verify step emits <= len + 1
+                    st.cands[a] = seq[:-1][:room]
+                    st.g_after[a] = seq[1:]  # (a greedy draft: its next token; then the one after it)
+            else:
+                self._captured = None
+                self._forward(self.thinking, "draft", g[:, None], torch.cat([bt.tmask, bt.tmask.new_ones(A, 1)], 1),
+                              bt.tpos[:, None], bt.tcache)
+                draft_h = self._captured  # [A, d]
+                for layer in bt.tcache.layers[: self.sae_layer + 1]:
+                    layer.crop(-1)
+        for a, (n, at_start, (_, first, end)) in enumerate(zip(need, starts, st.state)):
+            if not n:
+                continue
+            st.pooled_rows.append(a)
+            if at_start:
+                pooled.append(draft_h[a].float())
+                arows[a].counts["drafts"] += 1
+            else:
+                pooled.append(bt.H[bt.active[a], first:end].float().mean(0))
+        if pooled:
+            st.pooled_t = torch.stack(pooled)
+
+    def _step_base(self, bt: _Batch, paths: _Paths, st: _Step, coefs: Tensor) -> None:
+        """Phase 2 of a step: the steering deltas, ONE base forward (each row's fed token, plus a speculative step's
+        draft tokens, or candidate mode's K copies) and the token each row emits (`st.e`; a speculative step's
+        greedy tokens `st.greedy_b`). A one-token step's new cache column is added to `bt.bmask`."""
+        s, bdev = self.settings, self.base.device
+        S, K, A = paths.S, paths.K, st.A
+        beh_b = st.behavior.to(bdev)
+        is_active = beh_b >= 0
+        writing_t = None if st.writing is None else torch.tensor(st.writing, device=bdev)
+        # the steering: delta [A, K, d] for the steered rows
+        if st.coef_sched is not None and not paths.candidate:
+            st.cf = st.coef_sched[:, None]  # [A, 1]
+        else:
+            st.cf = coefs[None, :].expand(A, -1)  # [A, Kc]
+        tables = [r.vectors for r in st.arows] if s.control == "random_vectors" else None
+        delta, st.use_vec, st.bias_on = self._deltas(beh_b, st.cf, tables)  # [A, Kc, d], [A], [A]
+        if paths.candidate and s.unsteered_candidate and delta is not None:
+            delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
+        if st.pos_beh is not None:  # token-mode speculative step (one row): a delta per verified position
+            n_pos = len(st.pos_beh)
+            p_delta, p_vec, p_bias = self._deltas(torch.tensor(st.pos_beh, device=bdev), st.cf[:1].expand(n_pos, -1),
+                                                  None if tables is None else tables * n_pos)
+            delta = None if p_delta is None else p_delta[:, 0][None]  # [1, 1 + L, d]
+            st.per_position = list(zip(st.pos_beh, (p_vec & (st.cf[0, 0] != 0) & self.steers).tolist(),
+                                       (p_bias & (self.bias is not None) & self.steers).tolist()))
+        if delta is not None and S == 2:  # interleave the unsteered rows (zero delta)
+            delta = torch.stack([delta, torch.zeros_like(delta)], 1).flatten(0, 1)
+        R = A * S
+        # the new base column of each row: 1, or 0 for a row that does not write (shared drafts)
+        col = (bt.bmask.new_ones(R, 1) if writing_t is None else
+               writing_t.repeat_interleave(S)[:, None].to(bt.bmask.dtype))
+        st.L = L = max(len(c) for c in st.cands)  # speculative: draft tokens verified in this forward (0: none)
+        if L:  # each row: its fed token + its draft's tokens (padded with masked positions) at one delta
+            inp, cols = self._right_pad([[f] + c for f, c in zip(bt.feed.tolist(), st.cands)], 1 + L, self.pad_id,
+                                        bdev)
+            inp, cols = inp.repeat_interleave(S, 0), cols.repeat_interleave(S, 0)
+            mask_in, pos_in = torch.cat([bt.bmask, cols], 1), bt.bpos[:, None] + torch.arange(1 + L, device=bdev)
+        else:
+            inp, pos_in = bt.feed.repeat_interleave(S)[:, None].expand(R, K), bt.bpos[:, None].expand(R, K)
+            if K == 1:
+                mask_in = torch.cat([bt.bmask, col], 1)
+            else:
+                mask_in = self._candidate_mask(bt.bmask, K, self.base.model.dtype)
+        self._delta = delta
+        logits = self._forward(self.base, "base", inp, mask_in, pos_in, bt.bcache).float()
+        self._delta = None
+        st.logits = logits
+        steered_logits = logits[0::S]  # [A, K, V]
+        # the token each row emits
+        st.chosen = torch.zeros(A, dtype=torch.long, device=bdev)
+        if paths.candidate:
+            st.options = steered_logits.argmax(-1)  # [A, K]
+            score = st.tlogp.to(bdev).gather(1, st.options)
+            st.chosen = torch.where(is_active, score.argmax(1), 0)
+            st.e = st.options.gather(1, st.chosen[:, None])[:, 0]
+            self._keep_candidate(bt.bcache, bt.bmask.shape[1], st.chosen.repeat_interleave(S) * (
+                torch.arange(R, device=bdev) % S == 0), K)
+        elif s.control == "oracle":
+            base_greedy = steered_logits[:, 0].argmax(-1)
+            st.sub = is_active & (st.g.to(bdev) != base_greedy)
+            st.e = torch.where(st.sub, st.g.to(bdev), base_greedy)
+        elif s.control == "unsteered_rerank":
+            st.options = steered_logits[:, 0].topk(s.rerank_top_c or s.n_candidates, -1).indices  # [A, C]
+            score = st.tlogp.to(bdev).gather(1, st.options)
+            st.chosen = torch.where(is_active, score.argmax(1), 0)
+            st.e = st.options.gather(1, st.chosen[:, None])[:, 0]
+        else:
+            st.e = steered_logits[:, 0].argmax(-1)
+            if writing_t is not None:  # a drafting row keeps the token it will feed when it writes
+                st.e = torch.where(writing_t, st.e, bt.feed)
+        if L:  # [A][1 + L]: the steered (and unsteered) greedy token after each fed position
+            st.greedy_b = steered_logits.argmax(-1).tolist()
+            st.greedy_u = logits[1::2].argmax(-1).tolist() if S == 2 else (None if self.steers else st.greedy_b)
+        else:
+            bt.bmask = torch.cat([bt.bmask, col], 1)
+            bt.bpos = bt.bpos + col[:, 0]
+
+    def _step_emit(self, bt: _Batch, paths: _Paths, st: _Step, coefs: Tensor, record: bool) -> list[int]:
+        """Phase 3 of a step: tally and append each writing row's emitted token (a speculative step: its verified
+        tokens, `_emit_verified`), keep `record`'s per-step tensors, and set `st.e` to each row's next base input.
+        Returns the tokens each row emitted at a speculative step (else [])."""
+        s, bdev = self.settings, self.base.device
+        S, A, logits = paths.S, st.A, st.logits
+        if paths.candidate:
+            chosen = st.chosen
+            k_coef = torch.where(chosen < len(s.coefficients), coefs[chosen.clamp(max=len(coefs) - 1)], 0.0)
+        else:
+            k_coef = st.cf[:, 0] if self.steers else torch.zeros(A, device=bdev)
+        steered = st.use_vec & (k_coef != 0) & self.steers
+        bias_on = st.bias_on
+        if paths.candidate and s.unsteered_candidate:
+            bias_on = bias_on & (st.chosen < len(s.coefficients))
+        # one transfer per step, not one per row
+        u = logits[1::2, 0].argmax(-1) if S == 2 else (None if self.steers else logits[:, 0].argmax(-1))
+        e_l, ch_l, st.steered_l = st.e.tolist(), st.chosen.tolist(), steered.tolist()
+        st.g_l = [None] * A if st.g is None else st.g.tolist()
+        u_l = None if u is None else u.tolist()
+        st.bias_l = (bias_on & (self.bias is not None) & self.steers).tolist()
+        sub_l = st.sub.tolist() if s.control == "oracle" else [False] * A
+        n_emitted = []  # speculative steps: tokens emitted per row
+        for a, r in enumerate(st.arows):
+            if st.writing is not None and not st.writing[a]:
+                continue
+            if st.L:
+                n_emitted.append(self._emit_verified(st, a, paths.lazy))
+                continue
+            self._tally(r, e_l[a], st.steered_l[a], st.bias_l[a], None if u_l is None else u_l[a], st.g_l[a],
+                        not st.g_known[a])
+            c = r.counts
+            c["substituted"] += sub_l[a]
+            if paths.candidate or s.control == "unsteered_rerank":
+                c["reranked"] += ch_l[a] != 0
+            if record:
+                rec = r.record
+                k = ch_l[a] if paths.candidate else 0
+                rec["step_logits"].append(logits[a * S, k].cpu())
+                rec["candidate_logits"].append(logits[a * S].cpu())
+                rec["unsteered_logits"].append(logits[a * S + 1, 0].cpu() if S == 2 else None)
+                j = st.pooled_rows.index(a) if a in st.pooled_rows else None
+                rec["pooled"].append(None if j is None else st.pooled_t[j].cpu())
+                rec["at_start"].append(st.starts[a] if st.need[a] else None)
+                rec["behavior"].append(r.behavior)
+                rec["coefficient"].append(float(k_coef[a]))
+                rec["candidates"].append(None if st.options is None else st.options[a].tolist())
+                rec["thinking_greedy"].append(st.g_l[a])
+                rec["base_greedy"].append(None if u_l is None else u_l[a])
+                rec["emitted"].append(e_l[a])
+            self._append(r, e_l[a], paths.lazy)
+        if st.L:  # keep each row's fed positions whose predictions were emitted; the rest become holes
+            n_t = torch.tensor(n_emitted, device=bdev).repeat_interleave(S)
+            bt.bmask = torch.cat([bt.bmask, (torch.arange(1 + st.L, device=bdev)[None] < n_t[:, None]).to(
+                bt.bmask.dtype)], 1)
+            bt.bpos = bt.bpos + n_t
+            st.e = torch.tensor([st.greedy_b[a][n - 1] for a, n in enumerate(n_emitted)], device=bdev)  # next feed
+        return n_emitted
+
+    def _drop_finished(self, bt: _Batch, paths: _Paths, st: _Step, bar: Any) -> bool:
+        """After a step: settle the stats of rows that leave (lazy thinking), drop them from both caches, and feed
+        each remaining row the token it emitted (`st.e`). False when no row is left."""
+        s = self.settings
+        done = [r.finished or r.n_steps >= s.max_new_tokens for r in st.arows]
+        if paths.lazy and any(d and r.pending_u for d, r in zip(done, st.arows)):
+            self._catch_up(bt, None)  # settle a leaving row's stats
+        keep = [a for a, d in enumerate(done) if not d]
+        if any(done):
+            bar.update(sum(done))
+        if not keep:
+            bt.active = []
+            return False
+        e = st.e
+        if len(keep) < st.A:
+            bdev, S = self.base.device, paths.S
+            kb = torch.tensor(keep, device=bdev)
+            kbs = (kb[:, None] * S + torch.arange(S, device=bdev)).flatten()
+            bt.bcache.batch_select_indices(kbs)
+            bt.bmask, bt.bpos = bt.bmask[kbs], bt.bpos[kbs]
+            if not self.retokenize:
+                kt = kb.to(self.thinking.device)
+                bt.tcache.batch_select_indices(kt)
+                bt.tmask, bt.tpos, bt.orig, bt.tlogits = bt.tmask[kt], bt.tpos[kt], bt.orig[kt], bt.tlogits[kt]
+            e = e[kb]
+            bt.active = [bt.active[a] for a in keep]
+        bt.feed = e
+        return True
 
     def _deltas(self, behavior: Tensor, cf: Tensor, tables: list[Tensor] | None
                 ) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -1347,9 +1461,8 @@ class HybridGenerator:
                       K=s.n_candidates if candidate else 1, lazy=lazy, spec=spec, shared=shared, reuse=reuse,
                       tspec=tspec)
 
-    def _catch_up(self, arows: list[_Row], orig: Tensor, readers: list[int] | None, tcache: Any, tmask: Tensor,
-                  tpos: Tensor, tlogits: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Lazy thinking: every row of `arows` (or those at the positions `readers`) reads its pending tokens
+    def _catch_up(self, bt: _Batch, readers: list[int] | None) -> None:
+        """Lazy thinking: every active row (or those at the positions `readers`) reads its pending tokens
         (`_Row.pend`) in one forward; rows with fewer (speculative steps emit several tokens) are padded with masked
         positions, which stay in the cache as holes. Their block-`sae_layer` outputs go to `H` (row `orig[a]`).
         Settles the disagreement stat of the tokens whose thinking greedy token was not known yet. Draft reuse: a
@@ -1357,8 +1470,10 @@ class HybridGenerator:
         emitted (the longest common prefix; their outputs and greedy tokens are the draft's) and reads only the
         rest; with nothing left to read no forward runs at all. Shared drafts: every row that is drafting
         (`_Row.draft`) feeds its next draft token in the same forward, at the position after its draft's previous
-        tokens (`tpos` counts read tokens only). Returns the new (tmask, tpos, tlogits)."""
-        s, tdev, A = self.settings, tmask.device, len(arows)
+        tokens (`tpos` counts read tokens only). Updates the batch's tmask, tpos and tlogits."""
+        s, arows, tcache, H = self.settings, bt.arows, bt.tcache, bt.H
+        tmask, tpos, tlogits = bt.tmask, bt.tpos, bt.tlogits
+        tdev, A = tmask.device, len(arows)
         reading = [readers is None or a in readers for a in range(A)]
         drafting = [r.draft is not None and r.draft.pooled is None and len(r.draft.fed) < s.draft_max_tokens
                     for r in arows]
@@ -1392,7 +1507,7 @@ class HybridGenerator:
             tlogits = torch.where((n_t > 0)[:, None], last, tlogits)
             tpos = tpos + n_t
             greedy = logits.argmax(-1).tolist()
-        for a, (r, n, m, o) in enumerate(zip(arows, n_new, reused, orig.tolist())):
+        for a, (r, n, m, o) in enumerate(zip(arows, n_new, reused, bt.orig.tolist())):
             if drafting[a]:  # shared drafts: one more draft token
                 r.draft.feed(r.dnext, hidden[a, 0].float())
                 r.dcols.append(col)
@@ -1410,65 +1525,66 @@ class HybridGenerator:
                 H[o, start + m: r.n_steps] = hidden[a, :n]
             r.counts["disagree"] += sum(u_ != after[j - 1] for j, u_ in r.pending_u)
             r.pend, r.pending_u, r.trail = [], [], None
-        return tmask, tpos, tlogits
+        bt.tmask, bt.tpos, bt.tlogits = tmask, tpos, tlogits
 
-    def _read_emitted(self, arows: list[_Row], verified: list[int] | None, e: Tensor, tcache: Any, tmask: Tensor,
-                      tpos: Tensor, tlogits: Tensor, H: Tensor, orig: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The one-token path (no lazy thinking): the thinking model reads what each row emitted at this step, `e`
-        [A] (a lone row's token-mode speculative step: the tokens `verified`), storing its block-`sae_layer`
-        outputs in `H` and its logits in the returned (tmask, tpos, tlogits). A lone row whose draft is in the cache
-        (draft reuse) takes the tokens the draft already read from it and reads only the rest, after cropping the
-        draft's unread tokens."""
-        tdev = tmask.device
+    def _read_emitted(self, bt: _Batch, verified: list[int] | None) -> None:
+        """The one-token path (no lazy thinking): the thinking model reads what each row emitted at this step, its
+        next base input `bt.feed` [A] (a lone row's token-mode speculative step: the tokens `verified`), storing its
+        block-`sae_layer` outputs in H and updating the batch's tmask, tpos and tlogits. A lone row whose draft is in
+        the cache (draft reuse) takes the tokens the draft already read from it and reads only the rest, after
+        cropping the draft's unread tokens."""
+        arows, H, orig = bt.arows, bt.H, bt.orig
+        tdev = bt.tmask.device
         r = arows[0]  # a trail exists only for a lone row
-        new = verified if verified is not None else ([int(e[0])] if r.trail is not None else None)
+        new = verified if verified is not None else ([int(bt.feed[0])] if r.trail is not None else None)
         if new is None:
-            tmask = torch.cat([tmask, tmask.new_ones(len(arows), 1)], 1)
-            tlogits = self._forward(self.thinking, "think", e[:, None].to(tdev), tmask, tpos[:, None],
-                                    tcache)[:, -1].float()
+            bt.tmask = torch.cat([bt.tmask, bt.tmask.new_ones(len(arows), 1)], 1)
+            bt.tlogits = self._forward(self.thinking, "think", bt.feed[:, None].to(tdev), bt.tmask, bt.tpos[:, None],
+                                       bt.tcache)[:, -1].float()
             H[orig, torch.tensor([x.n_steps - 1 for x in arows], device=tdev)] = self._captured.to(H.dtype)
-            return tmask, tpos + 1, tlogits
+            bt.tpos = bt.tpos + 1
+            return
         k, n0 = 0, r.n_steps - len(new)  # the tokens the draft already read, at these positions, are done
         while r.trail is not None and k < len(new) and r.trail["fed"][r.trail_used] == new[k]:
             H[orig, n0 + k] = r.trail["h"][r.trail_used].to(H.dtype)
-            self._set_greedy(tlogits, 0, r.trail["after"][r.trail_used])
+            self._set_greedy(bt.tlogits, 0, r.trail["after"][r.trail_used])
             r.trail_used, k = r.trail_used + 1, k + 1
             if r.trail_used == len(r.trail["fed"]):
                 r.trail = None
-        tmask = torch.cat([tmask, tmask.new_ones(1, len(new))], 1)
-        tpos = tpos + k
+        bt.tmask = torch.cat([bt.tmask, bt.tmask.new_ones(1, len(new))], 1)
+        bt.tpos = bt.tpos + k
         if k == len(new):
-            return tmask, tpos, tlogits
+            return
         if r.trail is not None:  # the base left the draft: drop its unread rest
-            self._crop(tcache, len(r.trail["fed"]) - r.trail_used)
+            self._crop(bt.tcache, len(r.trail["fed"]) - r.trail_used)
             r.trail = None
         rest = new[k:]
         self._captured = None
-        tlogits = self._forward(self.thinking, "prefix", torch.tensor([rest], device=tdev), tmask,
-                                tpos[:, None] + torch.arange(len(rest), device=tdev), tcache)[:, -1].float()
+        bt.tlogits = self._forward(self.thinking, "prefix", torch.tensor([rest], device=tdev), bt.tmask,
+                                   bt.tpos[:, None] + torch.arange(len(rest), device=tdev), bt.tcache)[:, -1].float()
         H[orig, n0 + k: n0 + len(new)] = self._captured.to(H.dtype)
-        return tmask, tpos + len(rest), tlogits
+        bt.tpos = bt.tpos + len(rest)
 
-    def _base_self_draft(self, r: _Row, behavior: Tensor, coefs: Tensor, feed: Tensor, bcache: Any, bmask: Tensor,
-                         bpos: Tensor, tcache: Any, tmask: Tensor, tpos: Tensor, cut: int, limit: int
+    def _base_self_draft(self, bt: _Batch, behavior: Tensor, coefs: Tensor, cut: int, limit: int
                          ) -> tuple[list[int], list[int]]:
-        """Token mode, lone row `r` in mid-sentence after the base left the thinking model's draft: one-token steps
-        would now cost a thinking read per token. Instead the base drafts the rest of the sentence greedily at the
-        decision just made (`behavior`), on a copy of its steered row's cache (up to `limit` tokens; it stops after
-        a token that changes the sentence, and before eos), and the thinking model reads the draft in ONE forward,
-        which stays in its cache as a draft-reuse trail. The verify forward then steers each position with the
-        decision one-token steps would make there (`_token_positions`, from the draft's outputs), so the base keeps
-        its tokens while the decision holds (within a sentence it rarely changes) and the result is one-token steps'
-        own. Returns the draft and the thinking model's greedy token after each of its tokens."""
-        bdev, tdev = bmask.device, tmask.device
+        """Token mode, the lone row in mid-sentence (sentence `cut`) after the base left the thinking model's draft:
+        one-token steps would now cost a thinking read per token. Instead the base drafts the rest of the sentence
+        greedily at the decision just made (`behavior`), on a copy of its steered row's cache (up to `limit` tokens;
+        it stops after a token that changes the sentence, and before eos), and the thinking model reads the draft in
+        ONE forward, which stays in its cache as a draft-reuse trail. The verify forward then steers each position
+        with the decision one-token steps would make there (`_token_positions`, from the draft's outputs), so the
+        base keeps its tokens while the decision holds (within a sentence it rarely changes) and the result is
+        one-token steps' own. Returns the draft and the thinking model's greedy token after each of its tokens."""
+        r = bt.arows[0]
+        bdev, tdev = bt.bmask.device, bt.tmask.device
         tables = [r.vectors] if self.settings.control == "random_vectors" else None
         delta, _, _ = self._deltas(behavior[:1].to(bdev), coefs[None, :1], tables)  # [1, 1, d] or None
-        cache = self._rows_copy(bcache, torch.zeros(1, dtype=torch.long, device=bdev))  # the steered row
-        stream, seq, tok, mask = r.stream.fork(), [], feed[:1], bmask[:1]
+        cache = self._rows_copy(bt.bcache, torch.zeros(1, dtype=torch.long, device=bdev))  # the steered row
+        stream, seq, tok, mask = r.stream.fork(), [], bt.feed[:1], bt.bmask[:1]
         for i in range(limit):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
             self._delta = delta
-            logits = self._forward(self.base, "base", tok[:, None], mask, (bpos[:1] + i)[:, None], cache,
+            logits = self._forward(self.base, "base", tok[:, None], mask, (bt.bpos[:1] + i)[:, None], cache,
                                    logits_to_keep=1)
             self._delta = None
             t = int(logits[0, -1].argmax())
@@ -1484,8 +1600,8 @@ class HybridGenerator:
             return [], []
         self._captured = None
         logits = self._forward(self.thinking, "prefix", torch.tensor([seq], device=tdev),
-                               torch.cat([tmask, tmask.new_ones(1, len(seq))], 1),
-                               tpos[:, None] + torch.arange(len(seq), device=tdev), tcache)
+                               torch.cat([bt.tmask, bt.tmask.new_ones(1, len(seq))], 1),
+                               bt.tpos[:, None] + torch.arange(len(seq), device=tdev), bt.tcache)
         after = logits[0].argmax(-1).tolist()
         r.trail, r.trail_used = dict(fed=seq, h=self._captured.reshape(len(seq), -1).float(), after=after), 0
         return seq, after
