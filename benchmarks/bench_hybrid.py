@@ -27,8 +27,10 @@ a hook on the LM head, for every method alike, so no row stops early):
   row verifies its draft, at any batch), ``diag_hybrid_token_no_speculative`` (token mode with `speculative="off"`,
   the token mode of sessions 6-7) and, at batch > 1, ``diag_hybrid_sentence_shared_drafts`` /
   ``diag_hybrid_sentence_unshared_drafts`` (`shared_drafts=True` / `False`: the default, None, is on for a CUDA base
-  and off on a CPU), ``diag_hybrid_token_shared_drafts`` / ``diag_hybrid_token_unshared_drafts`` (the same in token
-  mode; the largest-N rows also count each one's sequential model calls, ``forward_calls``).
+  and off on a CPU), ``diag_hybrid_sentence_shared_drafts_verified`` (shared drafts with `speculative="always"`: a
+  row verifies the draft it has just ended in the step's base forward), ``diag_hybrid_token_shared_drafts`` /
+  ``diag_hybrid_token_unshared_drafts`` (the same in token mode; the largest-N rows also count each one's sequential
+  model calls, ``forward_calls``).
 - ``reference``: the public reference code's token-level hybrid (`hybrid/hybrid_token.py` of the paper's
   repository) re-implemented here with plain HF forwards: no KV cache; per generated token, one full thinking
   forward to read the SAE layer, one full unsteered base forward, a second full thinking forward for its logits;
@@ -77,6 +79,8 @@ DIAGS = {"untracked": (dict(track_unsteered=False), "track_unsteered"),
          "no_speculative": (dict(speculative="off"), "speculative"),
          "per_token_thinking": (dict(lazy_thinking=False), "lazy_thinking"),
          "shared_drafts": (dict(shared_drafts=True), "shared_drafts"),
+         # (a row verifies the draft it has just ended in the step's base forward)
+         "shared_drafts_verified": (dict(shared_drafts=True, speculative="always"), "shared_drafts"),
          "unshared_drafts": (dict(shared_drafts=False), "shared_drafts"),
          "token_shared_drafts": (dict(granularity="token", shared_drafts=True), "shared_drafts"),
          "token_unshared_drafts": (dict(granularity="token", shared_drafts=False), "shared_drafts"),

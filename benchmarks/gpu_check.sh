@@ -142,10 +142,10 @@ EOF
     run steering bench_steering 90 --n-train 48 --n-val 16 --epochs 2 --repeats 2
     optional hybrid256 bench_hybrid 120 --tokens 256 --batches 1,16 --no-diag --ref-checkpoints 3 --ref-live 0 --no-profile
     optional hybrid_profile bench_hybrid 75 --tokens 64 --batches 16 --no-diag --ref-checkpoints 2 --ref-live 0 --profile
-    # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16, both modes) and
-    # speculative steps off vs on (batch 1)
+    # the untested-on-GPU knobs: shared drafts (on by default on CUDA: against unshared, batch 16, both modes; and
+    # with their drafts verified) and speculative steps off vs on (batch 1)
     # (64 tokens: unshared drafts at batch 16 made 1,633 calls for 64 tokens in session 9, ~40 s a run)
-    optional hybrid_shared bench_hybrid 200 --tokens 64 --batches 1,16 --diag unshared_drafts,token_unshared_drafts,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
+    optional hybrid_shared bench_hybrid 200 --tokens 64 --batches 1,16 --diag unshared_drafts,token_unshared_drafts,shared_drafts_verified,no_speculative,token_no_speculative --ref-checkpoints 2 --ref-live 0 --no-profile
   fi
 
   # ---- summary

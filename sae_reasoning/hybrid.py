@@ -160,7 +160,15 @@ holds a hole for every step a row drafted); 32 test problems run to their end, 8
 tokens/s. On an H200 (session 9, random-weight Qwen2-1.5B-shaped pair, ``benchmarks/hybrid_stages.py``) 64 tokens at
 batch 16 without them took 1,633 model calls (1,568 of them thinking calls, drafts) against base-only's 64, and a
 call cost about the same at batch 16 as at batch 1: the serialised drafts are the GPU's cost, hence on by default
-there (their GPU speed-up itself was not measured yet). Speculative steps and draft reuse are off with it. In token
+there (their GPU speed-up itself was not measured yet). Draft reuse is off with it. With ``speculative="always"``
+(session 10; or "single_row" once one row is left) a row whose draft has just ended verifies it in the step's one
+base forward, as speculative steps do: every draft token the base writes as drafted costs no step of its own, so the
+batch takes fewer steps, hence fewer calls, at the price of a wider base forward at those steps (all rows run
+1 + the longest draft positions). Same tokens, decisions and stats (tested). On the organism with the demo's SAE and
+vectors (batch 16, 512 tokens, eos masked, ``bench_hybrid.py``): 1,850 -> 1,544 model calls, but 5.7x the base's row
+positions (past the answer most drafts are long and rejected at once), so 3.6x slower on a CPU, where positions
+cost. "always" is therefore not the default: on a GPU it can pay only where a forward of 32 x (1 + draft) positions
+still costs about its launches; not measured there yet (`gpu_check.sh`, part ``hybrid_shared``). In token
 mode (session 9) the rows read lazily as in sentence mode, but a writing row decides at every step, so each step's
 shared forward reads the token it emitted at the step before, and a row whose draft ended decides from the draft and
 writes at once: same tokens, decisions and stats as one-token steps (tested at batch 8: 533 -> 309 model calls for
@@ -1128,8 +1136,8 @@ class HybridGenerator:
         for a, r in enumerate(arows):
             if need[a] and starts[a] and not r.pend:
                 start_draft(a)
-        # one token read a step: the forward stays one position wide, so the cache grows by one column a step, not
-        # by the longest backlog
+        # one token read a step (unless a verified draft emitted several): the forward stays one position wide, so
+        # the cache grows by one column a step, not by the longest backlog
         readers = [a for a, r in enumerate(arows) if r.pend]
         if readers or any(r.draft is not None for r in arows):
             self._catch_up(bt, readers)
@@ -1170,6 +1178,9 @@ class HybridGenerator:
                 st.pooled_rows.append(a)
                 pooled.append(r.draft.result().float())
                 r.counts["drafts"] += 1
+                if verify:  # its draft tokens; the greedy token after each is the next one, after the last dnext
+                    st.cands[a] = r.draft.fed[:s.max_new_tokens - r.n_steps - 1]
+                    st.g_after[a] = r.draft.fed[1:] + [r.dnext]
                 r.draft = None
         elif any(n and at_start for n, at_start in zip(need, starts)):
             g = st.g
@@ -1313,6 +1324,7 @@ class HybridGenerator:
         n_emitted = []  # speculative steps: tokens emitted per row
         for a, r in enumerate(st.arows):
             if st.writing is not None and not st.writing[a]:
+                n_emitted.append(0)  # (a speculative step: it emits nothing, its columns become holes)
                 continue
             if st.L:
                 n_emitted.append(self._emit_verified(st, a, paths.lazy))
@@ -1344,7 +1356,8 @@ class HybridGenerator:
             bt.bmask = torch.cat([bt.bmask, (torch.arange(1 + st.L, device=bdev)[None] < n_t[:, None]).to(
                 bt.bmask.dtype)], 1)
             bt.bpos = bt.bpos + n_t
-            st.e = torch.tensor([st.greedy_b[a][n - 1] for a, n in enumerate(n_emitted)], device=bdev)  # next feed
+            st.e = torch.tensor([st.greedy_b[a][n - 1] if n else f for a, (n, f) in enumerate(
+                zip(n_emitted, bt.feed.tolist()))], device=bdev)  # the next feed
         return n_emitted
 
     def _drop_finished(self, bt: _Batch, paths: _Paths, st: _Step, bar: Any) -> bool:
@@ -1445,7 +1458,10 @@ class HybridGenerator:
         shared = (lazy_ok and shared_drafts_enabled(s.shared_drafts, self.base.device) and s.draft == "sentence"
                   and not scheduled and B > 1 and self.decides)
         lazy = lazy or shared
-        spec = lazy and s.speculative != "off" and s.draft == "sentence" and not scheduled and not shared
+        # speculative steps (sentence mode). With shared drafts a row verifies the draft it has just ended in the
+        # step's one base forward, so on a GPU the verify costs no call of its own, but it widens that forward
+        spec = (lazy and s.granularity == "sentence" and s.speculative != "off" and s.draft == "sentence"
+                and not scheduled)
         # draft reuse: a lone row drafts in place; its catch-up (lazy) or its one-token reads (token mode) skip what
         # the draft already read. Only where the thinking logits serve no more than their argmax (lazy thinking
         # implies every condition but the draft's), and for plain caches (crop is exact there)

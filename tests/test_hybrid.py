@@ -556,6 +556,7 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                  "Max liked to run fast"]
     out, calls = {}, {}
     for name, kw in (("lazy", dict(speculative="off", shared_drafts=False)), ("shared", dict(shared_drafts=True)),
+                     ("shared_always", dict(shared_drafts=True, speculative="always")),  # drafts verified
                      ("default", dict(speculative="off")),  # shared_drafts=None: on CUDA only (a CPU here)
                      ("lazy_short", dict(speculative="off", draft_max_tokens=3)),  # drafts cut by their budget
                      ("shared_short", dict(shared_drafts=True, draft_max_tokens=3)),
@@ -579,10 +580,11 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
             for h in hooks:
                 h.remove()
         calls[name] = n[0]
-        if name.startswith("shared"):  # after the prompt, one position a step: the cache grows a column a step
-            assert set(widths[1:]) == {1}, sorted(set(widths))
+        if name.startswith("shared") and name != "shared_always":  # after the prompt, one position a step: the
+            assert set(widths[1:]) == {1}, sorted(set(widths))  # cache grows a column a step
     for name in ("", "_short", "_untracked", "_token", "_token_random", "_token_rv"):
         assert out["shared" + name] == out["lazy" + name], name
+    assert out["shared_always"] == out["lazy"]
     assert out["lazy_short"] != out["lazy"]  # the budget changed some decisions
     assert sum(r["n_drafts"] for r in out["lazy"]) > 2 * len(questions)  # several sentences a row
     assert calls["shared"] < 0.8 * calls["lazy"], calls
@@ -591,6 +593,39 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
     assert out["shared_token_random"] != out["shared_token"]  # the random behaviors steer otherwise
     assert out["shared_token_rv"] != out["shared_token"]  # and so do random vectors
     assert out["default"] == out["lazy"] and calls["default"] == calls["lazy"], calls  # the CPU default: unshared
+
+
+def test_shared_drafts_verified_by_the_base_save_steps(lm, lm2, sae, vectors):
+    """Shared drafts with speculative="always": a row whose draft has just ended verifies it in the step's one base
+    forward and emits every draft token the base would write, instead of one token a step. Both models read the
+    same prompt here and the steering is weak, so the base mostly writes the drafts: the same tokens, decisions
+    and stats as one-token steps, in fewer steps, so fewer model calls (the GPU's cost), than shared drafts without
+    verification."""
+    vecs, bias = vectors
+    weak = {k: v / 50 for k, v in vecs.items()}
+    questions = ["Tom saw a big dog", "The sun was hot", "Lily had a red ball", "Once upon a time there was a cat"]
+    out, calls, widest = {}, {}, {}
+    for name, kw in (("one_token", dict(lazy_thinking=False, draft_reuse=False, shared_drafts=False)),
+                     ("shared", dict(shared_drafts=True, speculative="off")),
+                     ("shared_verified", dict(shared_drafts=True, speculative="always"))):
+        hyb = make(lm2, lm, sae, weak, bias / 50, threshold=-1e9, max_new_tokens=40, batch_size=4, **kw)
+        ids = [hyb.prompts(q)[0] for q in questions]  # the base prompt for both models
+        n, widths = [0], []
+        hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in (lm, lm2)]
+        hooks.append(lm.model.register_forward_pre_hook(
+            lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True))
+        try:
+            out[name] = hyb.generate_ids(ids, ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        calls[name], widest[name] = n[0], max(widths[1:])
+    assert out["shared_verified"] == out["one_token"] and out["shared"] == out["one_token"]
+    # the steering changed some tokens (a verify step must end at the base's own token there) and rows decided again
+    ref = out["one_token"]
+    assert any(r["changed_fraction"] > 0 for r in ref) and min(r["n_decisions"] for r in ref) > 1
+    assert widest["shared"] == 1 and widest["shared_verified"] > 3  # base forwards: several drafts verified
+    assert calls["shared_verified"] < 0.7 * calls["shared"], calls  # (96 against 194 when written)
 
 
 def test_shared_drafts_default_follows_the_base_device():
