@@ -614,7 +614,7 @@ class _Step:
     writing: list[bool] | None = None  # shared drafts: the rows that write at this step (the others draft)
     # filled by _step_base
     logits: Tensor | None = None  # [A * S, K or 1 + L, V]: the base forward's
-    e: Tensor | None = None  # [A]: each row's emitted token (a one-token step)
+    e: Tensor | None = None  # [A]: each row's emitted token (one-token step); after _step_emit its next feed
     chosen: Tensor | None = None  # [A]: candidate mode / re-ranking: the chosen candidate
     options: Tensor | None = None  # [A, K or C]: candidate tokens (candidate mode) or re-ranked tokens
     sub: Tensor | None = None  # [A]: oracle: the thinking token replaced the base's
