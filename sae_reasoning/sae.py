@@ -358,6 +358,7 @@ class _Stack:
     seg: Tensor = field(init=False)
     pad_map: Tensor = field(init=False)
     slots: Tensor = field(init=False)
+    keep_k: Tensor = field(init=False)
 
     PARAMS = ("W_enc_t", "b_enc", "W_dec", "b_dec")
 
@@ -373,6 +374,9 @@ class _Stack:
         real = j < self.n.to(device).view(-1, 1)  # [S, L]
         self.pad_map = torch.where(real, starts.view(-1, 1) + j, sum(ns))
         self.slots = real.view(-1).nonzero().squeeze(1)  # [N]: where row i sits in the flattened [S, L]
+        # [S, k_max, 1]: which of the k_max top slots each SAE keeps; made here, on the device, because a per-step
+        # copy of k to a GPU would make every training step wait for the GPU's queue
+        self.keep_k = (torch.arange(int(self.k.max()), device=device) < self.k.to(device).view(-1, 1)).unsqueeze(2)
 
     @classmethod
     def build(cls, params: Sequence[Mapping[str, Tensor]], ks: Sequence[int], lrs: Sequence[float], device):
@@ -468,7 +472,7 @@ class _Stack:
             # G[i_a, i_b] of each SAE, as flat indices into its [S, L, L] Gram blocks
             pairs = ((torch.arange(S, device=idx.device).view(S, 1, 1, 1) * L + idx_l.unsqueeze(2)) * L
                      + idx_l.unsqueeze(1)).reshape(-1)
-        keep = (torch.arange(k_max, device=idx.device) < self.k.to(idx.device).view(-1, 1)).unsqueeze(2)
+        keep = self.keep_k
         v = torch.where(keep, pre_t.gather(0, idx).view(S, k_max, B), 0.0)  # [S, k_max, B]
         u_t = self.W_dec @ x_t - (self.W_dec * b_dec_rows).sum(-1, keepdim=True)  # [N, B]
         u_k = u_t.gather(0, idx).view(S, k_max, B)
@@ -719,6 +723,8 @@ def _train_layer(
     bar = tqdm(range(cfg.max_epochs), desc=desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
         perm = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen)]
+        if isinstance(x, Tensor):  # the epoch's batch indices go to the data's device once, not once a step (a
+            perm = perm.to(x.device)  # blocking copy to a GPU waits for its queue)
         train_sum, n_batches = torch.zeros(len(active), device=device), 0
         for batch in _chunks(perm, cfg.batch_size):
             x_n = normalise(read_rows(x, batch, device), norm_mean)  # [B, d]
