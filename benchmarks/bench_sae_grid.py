@@ -9,7 +9,8 @@ Fairness:
   same per-size learning rate (`lr_for`, constant: sae-lens `lr_end = lr`), same initial parameters (our
   `init_params`, copied into each sae-lens SAE; with the data init, from the same seeded subsample of the same
   normalised training vectors, computed inside both timed regions and also reported apart), Adam with the same
-  betas.
+  betas. The loop inits one SAE at a time, as a loop of trainers would; our job, off the CPU, runs the k-means of
+  a layer's SAEs as one batch (`init_params_many`, the same centres), part of what one job saves.
 - Same model: sae-lens `TopKTrainingSAE` (k = 3, `apply_b_dec_to_input`, `rescale_acts_by_decoder_norm=True`,
   i.e. a unit-norm decoder, as ours) with our signed top-k as activation (`--sae-lens-activation relu` keeps
   sae-lens' ReLU top-k). What stays sae-lens': its MSE loss (= our FVU loss x a constant), grad-norm clipping at 1,
@@ -160,11 +161,13 @@ def grid_config(sizes, k, epochs, device, init: str):
 
 
 def run_ours(data, sizes, k, epochs, device, init: str) -> tuple[dict, float]:
-    """One train_grid job. Also returns the seconds spent in `init_params` inside it (timed by a wrapper)."""
+    """One train_grid job. Also returns the seconds spent in its init inside it (`init_params_many`, or
+    `init_params` in older code; timed by a wrapper)."""
     import sae_reasoning.sae as sae_mod
 
     spent = [0.0]
-    original = sae_mod.init_params
+    name = "init_params_many" if hasattr(sae_mod, "init_params_many") else "init_params"
+    original = getattr(sae_mod, name)
 
     def timed(*a, **kw):
         t0 = time.perf_counter()
@@ -173,11 +176,11 @@ def run_ours(data, sizes, k, epochs, device, init: str) -> tuple[dict, float]:
         finally:
             spent[0] += time.perf_counter() - t0
 
-    sae_mod.init_params = timed
+    setattr(sae_mod, name, timed)
     try:
         trained = sae_mod.train_grid(data, grid_config(sizes, k, epochs, device, init))
     finally:
-        sae_mod.init_params = original
+        setattr(sae_mod, name, original)
     return {(t.spec.layer, t.spec.n_latents): {"final": t.history["val_fvu"][-1], "best": t.metrics["val_fvu"],
                                                 "epochs": t.metrics["epochs"]} for t in trained}, spent[0]
 

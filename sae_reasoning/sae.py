@@ -110,12 +110,50 @@ def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
     elif method == "spherical":
         W_enc = kmeanspp_seeds(x_n, n_latents, seed).T.contiguous()  # [d_in, L], unit columns
     else:
-        centres = euclidean_kmeans_centres(x_n, n_latents, seed, device=device)  # [L, d_in]
-        W_enc = centres.T.contiguous()
-        b_enc = -0.5 * centres.pow(2).sum(-1)
+        return _params_from_centres(euclidean_kmeans_centres(x_n, n_latents, seed, device=device))
+    return _params_with_tied_decoder(W_enc, b_enc)
+
+
+def _params_from_centres(centres: Tensor) -> dict[str, Tensor]:
+    """The data init's parameters from k-means centres [L, d_in] (`init_params`, "data")."""
+    return _params_with_tied_decoder(centres.T.contiguous(), -0.5 * centres.pow(2).sum(-1))
+
+
+def _params_with_tied_decoder(W_enc: Tensor, b_enc: Tensor) -> dict[str, Tensor]:
     W_dec = W_enc.T.clone()
     W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [L, d_in]
-    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": torch.zeros(W_enc.shape[0])}
+
+
+def init_params_many(d_in: int, keys: Sequence[tuple[int, int]], x_n: Tensor | None = None, method: str = "data",
+                     device: str | torch.device | None = None, progress: bool = False, desc: str = "init"
+                     ) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """`init_params` for every (n_latents, seed) of `keys`, equal to calling it for each. Off the CPU, the data
+    init's k-means runs for several of them in one batch (`euclidean_kmeans_centres_many`; `_padding_groups`: the
+    paper's sizes 5..50 make two batches): on an H200 each SAE's k-means took ~0.12 s, mostly launches and syncs of
+    small kernels, so a grid's init cost more than its training. On a CPU they run one at a time (a progress bar
+    when `progress`): there the k-means is bound by its products, which a batch pads to its largest n_latents."""
+    keys = list(dict.fromkeys(keys))
+    if method == "data" and x_n is not None and torch.device(device or x_n.device).type != "cpu" and len(keys) > 1:
+        out = {}
+        for group in _padding_groups(keys):
+            out.update(zip(group, map(_params_from_centres, euclidean_kmeans_centres_many(x_n, group, device=device))))
+        return {key: out[key] for key in keys}
+    return {(n, seed): init_params(d_in, n, seed, x_n, method, device)
+            for n, seed in tqdm(keys, desc=desc, disable=not progress, leave=False)}
+
+
+def _padding_groups(keys: Sequence[tuple[int, int]], max_padding: float = 1.5) -> list[list[tuple[int, int]]]:
+    """`keys` (n_latents, seed) by increasing n_latents, cut into groups that one padded batch computes with at most
+    `max_padding` times the centres the group's runs would compute alone (each run padded to the group's largest)."""
+    groups: list[list[tuple[int, int]]] = []
+    for key in sorted(keys):
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * key[0] <= max_padding * (sum(n for n, _ in group) + key[0]):
+            group.append(key)
+        else:
+            groups.append([key])
+    return groups
 
 
 def _sq_dists(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
@@ -148,21 +186,27 @@ def _kmeanspp_batch(x: Tensor, x_t: Tensor, sq: Tensor, u: Tensor) -> Tensor:
     return idx
 
 
-# scores per block of points in `_nearest` on a CPU: 2**18 floats (1 MB) stay in the core's L2 cache
+# scores per block of points in `_nearest`: on a CPU 2**18 floats (1 MB) stay in the core's L2 cache; elsewhere the
+# block only bounds the memory (2**28 floats, 1 GiB, and as much again for the reduction's temporary)
 _NEAREST_BLOCK_ELEMENTS = 2**18
+_NEAREST_GPU_BLOCK_ELEMENTS = 2**28
 
 
-def _nearest(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
-    """Index [R, N] of each point's nearest centre in each run (`c` [R, n, d]), the lowest index among ties.
+def _nearest(x_t: Tensor, sq: Tensor, c: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Index [R, N] of each point's nearest centre in each run (`c` [R, n, d]; `valid` [R, n]: the run's own
+    centres, where runs of several sizes share a batch), the lowest index among ties.
     argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x.c_j), laid out [R, n, N] so that the reduction over the centres
     vectorises over the points (`_topk_indices`: argmin over a 50-wide row was most of a round).
     On a CPU the points go in blocks whose scores fit in the cache: the reduction's passes over a whole [R, n, N]
     block (20 MB at 10 runs x 50 centres x 10k points) had cost more than the product; in blocks a round at 50
-    centres takes half the time (benchmarks/README.md). A GPU takes the whole product at once."""
+    centres takes half the time (benchmarks/README.md). A GPU takes up to 1 GiB of scores at once."""
     R, n, _ = c.shape
     N = x_t.shape[1]
     c_sq = c.pow(2).sum(-1, keepdim=True)
-    block = N if x_t.device.type != "cpu" else max(256, _NEAREST_BLOCK_ELEMENTS // (R * n))
+    if valid is not None:  # another run's padding: never the nearest
+        c_sq = c_sq.masked_fill(~valid[..., None], math.inf)
+    per_block = _NEAREST_BLOCK_ELEMENTS if x_t.device.type == "cpu" else _NEAREST_GPU_BLOCK_ELEMENTS
+    block = max(256, per_block // (R * n))
     out = []
     for i in range(0, N, block):
         scores = torch.baddbmm(c_sq, c, x_t[:, i:i + block].expand(R, -1, -1), alpha=-2)
@@ -170,12 +214,15 @@ def _nearest(x_t: Tensor, sq: Tensor, c: Tensor) -> Tensor:
     return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
-def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int, valid: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """Lloyd rounds for R runs at once from centres `c` [R, n, d] (updated in place), each until its assignment
     stops changing or `iters` rounds; returns (centres, inertia [R]). Each run's rounds are exactly those it would
-    make alone; a run that has converged leaves the batch."""
+    make alone; a run that has converged leaves the batch. `valid` [R, n]: each run's own centres, where runs of
+    fewer centres are padded to n (a padding centre never gets a point, so it never moves)."""
     R, n, d = c.shape
-    assign = _nearest(x_t, sq, c)  # [R, N]
+    valid_all = valid
+    assign = _nearest(x_t, sq, c, valid)  # [R, N]
     # cluster sums kept up to date by the points that moved (float64, so that the updates do not drift): a full
     # index_add over every point each round was a quarter of the init at d = 1536, and late rounds move few points
     x64 = x.double()
@@ -186,7 +233,7 @@ def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int) -> t
     for _it in range(iters):
         keep = counts > 0  # an empty cluster keeps its centre
         c_run[keep] = (sums[keep] / counts[keep][:, None]).float()
-        new = _nearest(x_t, sq, c_run)
+        new = _nearest(x_t, sq, c_run, valid)
         run, point = (new != assign).nonzero(as_tuple=True)
         moving = torch.zeros(len(run_ids), dtype=torch.bool, device=x.device)
         moving[run] = True
@@ -202,9 +249,10 @@ def _lloyd_batch(x: Tensor, x_t: Tensor, sq: Tensor, c: Tensor, iters: int) -> t
         assign = new
         if not bool(moving.all()):  # converged runs leave the batch
             run_ids, c_run, sums, counts, assign = (t[moving] for t in (run_ids, c_run, sums, counts, assign))
+            valid = None if valid is None else valid[moving]
     else:
         c[run_ids] = c_run  # the rounds ran out
-    best = _nearest(x_t, sq, c)
+    best = _nearest(x_t, sq, c, valid_all)
     inertia = torch.stack([(x - c[r][best[r]]).pow(2).sum() for r in range(R)])
     return c, inertia
 
@@ -216,16 +264,30 @@ def euclidean_kmeans_centres(x_n: Tensor, n: int, seed: int, n_init: int = 10, i
     among equals). [n, d] float32 on the CPU. Written in torch rather than with scikit-learn's KMeans so that it
     runs on the SAE's device (at d = 1536 and 20k rows, 10 restarts for each SAE of a grid took scikit-learn
     minutes on CPU), with the restarts batched: one product per round for all of them, and no sync per centre."""
+    return euclidean_kmeans_centres_many(x_n, [(n, seed)], n_init, iters, device)[0]
+
+
+def euclidean_kmeans_centres_many(x_n: Tensor, keys: Sequence[tuple[int, int]], n_init: int = 10, iters: int = 50,
+                                  device: str | torch.device | None = None) -> list[Tensor]:
+    """`euclidean_kmeans_centres(x_n, n, seed)` for every (n, seed) of `keys`, all restarts of all of them in one
+    batch: runs with fewer centres are padded to the largest n with centres that never get a point (`valid`).
+    Each run makes the draws and rounds it makes alone; only the products are wider."""
     dev = torch.device(device) if device is not None else x_n.device
     x = x_n.float().to(dev)
-    if len(x) < n:
-        raise ValueError(f"data init needs at least n_latents={n} vectors, got {len(x)}")
-    u = torch.rand(n_init, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ns = [n for n, _ in keys]
+    if len(x) < max(ns):
+        raise ValueError(f"data init needs at least n_latents={max(ns)} vectors, got {len(x)}")
+    u = torch.full((len(keys) * n_init, max(ns)), 0.5, dtype=torch.float64)  # (draws past a run's n: unused)
+    for i, (n, seed) in enumerate(keys):
+        u[i * n_init:(i + 1) * n_init, :n] = torch.rand(n_init, n, generator=torch.Generator().manual_seed(seed),
+                                                        dtype=torch.float64)
+    valid = (torch.arange(max(ns)) < torch.tensor(ns).repeat_interleave(n_init)[:, None]).to(dev)  # [R, n_max]
     sq = x.pow(2).sum(1)
     x_t = x.T.contiguous()  # [d, N], made contiguous once for every round
     idx = _kmeanspp_batch(x, x_t, sq, u)
-    centres, inertia = _lloyd_batch(x, x_t, sq, x[idx].clone(), iters)
-    return centres[int(inertia.argmin())].cpu()
+    centres, inertia = _lloyd_batch(x, x_t, sq, x[idx].clone(), iters, None if valid.all() else valid)
+    best = inertia.view(len(keys), n_init).argmin(1).tolist()
+    return [centres[i * n_init + b, :n].cpu() for i, (n, b) in enumerate(zip(ns, best))]
 
 
 def kmeanspp_seeds(x_n: Tensor, n: int, seed: int, max_rows: int = 20_000, lloyd_iters: int = 10) -> Tensor:
@@ -698,11 +760,8 @@ def _train_layer(
         x_init = normalise(read_rows(x, sub[:20_000].sort().values, "cpu"), norm_mean.cpu())
     # an SAE's init depends on (n_latents, seed) only, not on k: SAEs that differ in k alone share one k-means run
     # (the data init is 10 k-means restarts per SAE: minutes for a grid at d 1536 on a CPU, hence the bar)
-    inits: dict[tuple[int, int], dict[str, Tensor]] = {}
-    for sp in tqdm(specs, desc=f"{desc}: init ({cfg.init})", disable=not cfg.progress or cfg.init == "random",
-                   leave=False):
-        if (sp.n_latents, sp.seed) not in inits:
-            inits[sp.n_latents, sp.seed] = init_params(d_in, sp.n_latents, sp.seed, x_init, cfg.init, device)
+    inits = init_params_many(d_in, [(sp.n_latents, sp.seed) for sp in specs], x_init, cfg.init, device,
+                             progress=cfg.progress and cfg.init != "random", desc=f"{desc}: init ({cfg.init})")
     stack = _Stack.build(
         [inits[sp.n_latents, sp.seed] for sp in specs],
         [sp.k for sp in specs],

@@ -19,10 +19,13 @@ from sae_reasoning.sae import (
     _kmeanspp_batch,
     _lloyd_batch,
     _nearest,
+    _padding_groups,
     _Stack,
     _topk_indices,
     euclidean_kmeans_centres,
+    euclidean_kmeans_centres_many,
     init_params,
+    init_params_many,
     load_sae,
     load_sae_lens,
     lr_for,
@@ -238,6 +241,30 @@ def test_kmeans_centres_as_good_as_sklearn(planted):
         inertia = float(torch.cdist(x.double(), ours.double()).pow(2).min(1).values.sum())
         assert inertia <= ref.inertia_ * 1.01
         assert torch.equal(ours, euclidean_kmeans_centres(x, n, seed=0))  # seeded
+
+
+def test_kmeans_of_several_sizes_in_one_batch_equal_each_alone(planted):
+    """`euclidean_kmeans_centres_many` (what a GPU grid runs: every restart of every SAE of a layer in one batch,
+    smaller runs padded with centres that never get a point) gives each (n_latents, seed) exactly the centres it
+    gets alone, sizes and seeds mixed, duplicates included; `init_params_many` equals `init_params` per key (on a CPU
+    it runs them one at a time)."""
+    x = planted[0].float()
+    keys = [(8, 0), (3, 0), (5, 1), (8, 2), (3, 0)]
+    many = euclidean_kmeans_centres_many(x, keys)
+    assert [tuple(c.shape) for c in many] == [(n, x.shape[1]) for n, _ in keys]
+    for (n, seed), c in zip(keys, many):
+        assert torch.equal(c, euclidean_kmeans_centres(x, n, seed))
+    assert not torch.equal(many[0], many[3])  # another seed, other centres
+    # off the CPU the keys go in groups that pad to at most 1.5x the centres they would compute alone
+    paper = [(n, 0) for n in range(5, 55, 5)]
+    assert len(_padding_groups(paper)) == 2  # (rather than 10 batches of one SAE)
+    groups = _padding_groups(paper + [(5, 1)])
+    assert sorted(k for g in groups for k in g) == sorted(paper + [(5, 1)])
+    assert all(len(g) * max(n for n, _ in g) <= 1.5 * sum(n for n, _ in g) for g in groups)
+    params = init_params_many(x.shape[1], keys, x, "data", "cpu")
+    assert list(params) == list(dict.fromkeys(keys))
+    for (n, seed), p in params.items():
+        assert all(torch.equal(p[k], v) for k, v in init_params(x.shape[1], n, seed, x, "data", "cpu").items())
 
 
 def test_vectorised_adam_equals_torch_adam(planted):
