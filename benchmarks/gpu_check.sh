@@ -39,7 +39,9 @@
 # steering" then PARTS=hybrid). The hybrid's figures, the ones still missing on a GPU, fit one 15-minute lease:
 #   OUT=$OUT BUDGET_S=570 PARTS="hybrid hybrid_b16 hybrid_shared" bash benchmarks/gpu_check.sh   (timeout_s 595)
 # (estimated at 25 ms a model call: ~130 s + ~150 s + ~170 s with its call counts, plus ~25 s of wheel install;
-# hybrid_shared starts only if its 200 s still fit).
+# hybrid_shared starts only if its 200 s still fit). Session 10's batched k-means init (the grid's total ratio at
+# 5 epochs) needs PARTS=sae_grid (session 5: ~70 s with the init unbatched); with the hybrid in one lease:
+#   OUT=$OUT BUDGET_S=570 PARTS="sae_grid hybrid hybrid_shared" bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
