@@ -7,9 +7,10 @@ A stage is KIND:BATCH:TOKENS with KIND one of base (the cached greedy loop), hf 
 (`HybridGenerator` with bench_hybrid's default settings and random SAE/vectors), ref_agree / ref_disagree (one
 reference step at a prefix of TOKENS generated tokens; BATCH ignored), profile_sentence / profile_token (cProfile
 of the run: the top functions by cumulative time), or warm (bench_hybrid's GPU warm-up: TOKENS-token base-only loops
-until two in a row agree within 10%, up to 60 s; BATCH ignored). Each stage prints one line to stderr (seconds, tokens/s, the
-model calls it made: `count_forwards`) and the JSON written to --out is rewritten after every stage, so a run cut
-short by a timeout still leaves what it measured. EOS is masked as in bench_hybrid.py (every run writes N tokens).
+until two in a row agree within 10%, up to 60 s; BATCH ignored). Each stage prints one line to stderr (seconds,
+tokens/s, the model calls it made: `count_forwards`) and the JSON written to --out is rewritten after every stage,
+so a run cut short by a timeout still leaves what it measured. EOS is masked as in bench_hybrid.py (every run
+writes N tokens).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import bench_hybrid as H  # noqa: E402
 
-DEFAULT_STAGES = ("warm:1:32,base:1:64,sentence:1:64,token:1:64,ref_agree:1:64,ref_disagree:1:64,base:16:32,sentence:16:32,"
-                  "token:16:32,profile_token:1:64,profile_sentence:16:32,base:1:512,sentence:1:512,token:1:512")
+DEFAULT_STAGES = ("warm:1:32,base:1:64,sentence:1:64,token:1:64,ref_agree:1:64,ref_disagree:1:64,base:16:32,"
+                  "sentence:16:32,token:16:32,profile_token:1:64,profile_sentence:16:32,base:1:512,sentence:1:512,"
+                  "token:1:512")
 KINDS = ("base", "hf", "sentence", "token", "ref_agree", "ref_disagree", "profile_sentence", "profile_token", "warm")
 
 

@@ -544,6 +544,20 @@ def test_lazy_thinking_and_speculative_steps_equal_one_token_steps(lm, lm2, sae,
     assert calls["lazy"]["thinking"] < calls["per_token"]["thinking"], calls
 
 
+def generate_counting(hyb, base_ids, think_ids, models, widths_of):
+    """`hyb.generate_ids` with the forwards of `models` counted and the input width of each forward of `widths_of`
+    recorded: (results, model calls, widths)."""
+    n, widths = [0], []
+    hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in models]
+    hooks.append(widths_of.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True))
+    try:
+        return hyb.generate_ids(base_ids, think_ids), n[0], widths
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vectors):
     """Shared drafts (8 rows): each row drafts one token a step in one shared thinking forward while the others
     write, instead of every row waiting while the rows at a sentence start draft their whole sentence. The same
@@ -570,16 +584,8 @@ def test_shared_drafts_equal_lazy_thinking_with_fewer_calls(lm, lm2, sae, vector
                      ("shared_token_rv", dict(granularity="token", shared_drafts=True, control="random_vectors"))):
         hyb = make(lm2, lm, sae, vecs, bias, threshold=-1e9, max_new_tokens=48, batch_size=8, **kw)
         pairs = [hyb.prompts(q) for q in questions]
-        n, widths = [0], []
-        hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in (lm, lm2)]
-        hooks.append(lm2.model.register_forward_pre_hook(
-            lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True))
-        try:
-            out[name] = hyb.generate_ids([b for b, _ in pairs], [t for _, t in pairs])
-        finally:
-            for h in hooks:
-                h.remove()
-        calls[name] = n[0]
+        out[name], calls[name], widths = generate_counting(hyb, [b for b, _ in pairs], [t for _, t in pairs],
+                                                           (lm, lm2), widths_of=lm2)
         if name.startswith("shared") and name != "shared_always":  # after the prompt, one position a step: the
             assert set(widths[1:]) == {1}, sorted(set(widths))  # cache grows a column a step
     for name in ("", "_short", "_untracked", "_token", "_token_random", "_token_rv"):
@@ -610,16 +616,8 @@ def test_shared_drafts_verified_by_the_base_save_steps(lm, lm2, sae, vectors):
                      ("shared_verified", dict(shared_drafts=True, speculative="always"))):
         hyb = make(lm2, lm, sae, weak, bias / 50, threshold=-1e9, max_new_tokens=40, batch_size=4, **kw)
         ids = [hyb.prompts(q)[0] for q in questions]  # the base prompt for both models
-        n, widths = [0], []
-        hooks = [m.model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in (lm, lm2)]
-        hooks.append(lm.model.register_forward_pre_hook(
-            lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True))
-        try:
-            out[name] = hyb.generate_ids(ids, ids)
-        finally:
-            for h in hooks:
-                h.remove()
-        calls[name], widest[name] = n[0], max(widths[1:])
+        out[name], calls[name], widths = generate_counting(hyb, ids, ids, (lm, lm2), widths_of=lm)
+        widest[name] = max(widths[1:])
     assert out["shared_verified"] == out["one_token"] and out["shared"] == out["one_token"]
     # the steering changed some tokens (a verify step must end at the base's own token there) and rows decided again
     ref = out["one_token"]
