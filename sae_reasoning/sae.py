@@ -90,8 +90,8 @@ def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
 
     - "random" (or x_n None): W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify), b_enc 0.
     - "data" (x_n = normalised training vectors): Euclidean k-means on x_n (`euclidean_kmeans_centres`: k-means++,
-      10 restarts, the lowest-inertia run kept; on `device`). Encoder column i = centre c_i and b_enc_i = -|c_i|^2 / 2, so that
-      the initial pre-activation x.c_i - |c_i|^2/2 = (|x|^2 - |x - c_i|^2) / 2 and the initial argmax latent IS
+      10 restarts, the lowest-inertia run kept; on `device`). Encoder column i = centre c_i and
+      b_enc_i = -|c_i|^2 / 2, so that the initial pre-activation x.c_i - |c_i|^2/2 = (|x|^2 - |x - c_i|^2) / 2 and the initial argmax latent IS
       the k-means assignment (nearest centre). Why: a random init often leaves the argmax assignment in a poor
       local minimum (two behaviors sharing a latent while a third splits). On the organism, at layer 1, k-means
       has two nearly equal solutions (the five behaviors, or additions vs subtractions with verify + correct
