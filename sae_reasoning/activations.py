@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-from sae_reasoning.artifacts import atomic_write_bytes, atomic_write_text, is_complete, read_jsonl, read_meta, write_meta
+from sae_reasoning.artifacts import (atomic_write_bytes, atomic_write_text, is_complete, read_jsonl, read_meta,
+                                     write_meta)
 from sae_reasoning.errors import DataError
 from sae_reasoning.models import LoadedModel, TORCH_DTYPES, decoder_layers, resid_post_hook_name
 from sae_reasoning.sentences import Sentence, attach_token_spans, split_sentences, thinking_span

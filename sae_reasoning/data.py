@@ -64,7 +64,8 @@ def _mmlu_pro(row: dict, idx: int, where: str) -> Question:
         raise DataError(f"{where}: field 'options' must have 2..{len(CHOICE_LETTERS)} entries, got {len(options)}")
     answer = _field(row, "answer", where)
     if answer not in CHOICE_LETTERS[: len(options)]:
-        raise DataError(f"{where}: field 'answer' must be a letter A..{CHOICE_LETTERS[len(options) - 1]}, got {answer!r}")
+        last = CHOICE_LETTERS[len(options) - 1]
+        raise DataError(f"{where}: field 'answer' must be a letter A..{last}, got {answer!r}")
     text = question.strip() + "\n" + "\n".join(f"{CHOICE_LETTERS[i]}. {o}" for i, o in enumerate(options))
     qid = f"mmlu_pro-{row.get('question_id', idx)}"
     return Question(id=qid, question=text, gold=answer, kind="choice", meta={"category": row.get("category")})

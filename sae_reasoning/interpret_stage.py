@@ -92,7 +92,8 @@ def select_taxonomy(results: list[dict], select: str) -> dict:
 def print_taxonomy(chosen: dict, select: str = "score") -> None:
     m = chosen["metrics"]
     truth = f", NMI with planted behaviors {m['truth_nmi']:.3f}" if m.get("truth_nmi") is not None else ""
-    print(f"\nchosen taxonomy: {chosen['name']} (sae.select={select}; score {m['score']:.3f}, {m['score_kind']}{truth})")
+    print(f"\nchosen taxonomy: {chosen['name']} "
+          f"(sae.select={select}; score {m['score']:.3f}, {m['score_kind']}{truth})")
     for lat in chosen["latents"]:
         if lat["count"]:
             extra = lat["metrics"].get("truth_majority")

@@ -51,14 +51,16 @@ def _hub_source(repo_id: str, revision: str | None, field: str) -> tuple[str, bo
         return repo_id, True
     fix = f"download it where the hub is reachable (`hf download {repo_id}`) or set {field} to a local copy"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ModelLoadError(f"{field}={repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}")
+        raise ModelLoadError(f"{field}={repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                             f"{fix}")
     try:
         model_info(repo_id, revision=revision, timeout=10)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot fetch", reported in one line
         reason = type(exc).__name__
         if "Gated" in reason:
             fix = f"accept its licence on huggingface.co and run `hf auth login`, or set {field} to a local copy"
-        raise ModelLoadError(f"{field}={repo_id!r} cannot be fetched from the Hugging Face hub ({reason}): {fix}") from None
+        raise ModelLoadError(
+            f"{field}={repo_id!r} cannot be fetched from the Hugging Face hub ({reason}): {fix}") from None
     return repo_id, False
 
 

@@ -53,8 +53,8 @@ def load_thinking(cfg: Any) -> LoadedModel:
     lm = load_model(spec.path, revision=spec.revision, dtype=cfg.model.dtype, device=cfg.model.device,
                     field="model.thinking.path", trust_remote_code=cfg.model.trust_remote_code)
     if lm.n_layers != cfg.model.n_layers:
-        raise UserError(f"model.thinking: {spec.path} has {lm.n_layers} layers but model.n_layers={cfg.model.n_layers}; "
-                        "fix model.n_layers")
+        raise UserError(f"model.thinking: {spec.path} has {lm.n_layers} layers but "
+                        f"model.n_layers={cfg.model.n_layers}; fix model.n_layers")
     return lm
 
 

@@ -89,14 +89,14 @@ def init_params(d_in: int, n_latents: int, seed: int, x_n: Tensor | None = None,
     """Initial parameters of one SAE, a function of (d_in, n_latents, seed) and, for a data init, `x_n`.
 
     - "random" (or x_n None): W_enc ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as in sparsify), b_enc 0.
-    - "data" (x_n = normalised training vectors): Euclidean k-means on x_n (`euclidean_kmeans_centres`: k-means++,
-      10 restarts, the lowest-inertia run kept; on `device`). Encoder column i = centre c_i and
-      b_enc_i = -|c_i|^2 / 2, so that the initial pre-activation x.c_i - |c_i|^2/2 = (|x|^2 - |x - c_i|^2) / 2 and the initial argmax latent IS
-      the k-means assignment (nearest centre). Why: a random init often leaves the argmax assignment in a poor
-      local minimum (two behaviors sharing a latent while a third splits). On the organism, at layer 1, k-means
-      has two nearly equal solutions (the five behaviors, or additions vs subtractions with verify + correct
-      merged); which one a seed lands in varies, and the trained k = 1 SAEs' validation FVU prefers the behaviors,
-      so a grid with a few seeds and a label-free pick by FVU finds them (tests/test_organism_sae.py).
+    - "data" (x_n = normalised training vectors): Euclidean k-means on x_n (`euclidean_kmeans_centres`: k-means++, 10
+      restarts, the lowest-inertia run kept; on `device`). Encoder column i = centre c_i and b_enc_i = -|c_i|^2 / 2, so
+      that the initial pre-activation x.c_i - |c_i|^2/2 = (|x|^2 - |x - c_i|^2) / 2 and the initial argmax latent IS the
+      k-means assignment (nearest centre). Why: a random init often leaves the argmax assignment in a poor local minimum
+      (two behaviors sharing a latent while a third splits). On the organism, at layer 1, k-means has two nearly equal
+      solutions (the five behaviors, or additions vs subtractions with verify + correct merged); which one a seed lands
+      in varies, and the trained k = 1 SAEs' validation FVU prefers the behaviors, so a grid with a few seeds and a
+      label-free pick by FVU finds them (tests/test_organism_sae.py).
     - "spherical": the encoder's columns are spherical k-means centres (k-means++ seeds from x_n, 10 Lloyd
       rounds, unit columns), b_enc 0: the initial argmax is the nearest centre by cosine.
     Either way W_dec = W_enc.T with unit rows (decoder initialised from the encoder) and b_dec = 0.

@@ -24,7 +24,8 @@ t0):
 ``context + target`` is tokenised ONCE (no special tokens), with the tokenizer's BOS prepended when the tokenizer
 adds one (Llama, the organism; not Qwen). Target tokens are those whose character span reaches into the target
 (a token like "▁Plan" that starts on the separating space belongs to the target; a lone "▁" token stays in the
-context), so no special token can appear at the seam. The context always ends with the separator (" " or a newline), as in the base model's documents.
+context), so no special token can appear at the seam. The context always ends with the separator (" " or a
+newline), as in the base model's documents.
 
 Where the vector is added (the one convention, shared with the hybrid generator)
 --------------------------------------------------------------------------------
@@ -933,8 +934,9 @@ def train_steering(base: LoadedModel, traces: Sequence[Mapping], index: Sequence
     objective); `latents` (default: every latent some sentence is assigned to) and their `titles` (from the chosen
     taxonomy). With `thinking` (and `sae_layer`) each vector gets hit rates on up to `n_hit_examples` held-out
     contexts (`label_fn`: optional ground-truth labeller of generated sentences, reported beside them, e.g.
-    `pipeline.label_function(cfg)`). `tracker` (tracking.Tracker) receives loss curves (steer/<key>/{train_loss,val_loss,norm}) and the
-    hit-rate table (steer/hit_rates). Returns the metadata written to vectors.json.
+    `pipeline.label_function(cfg)`). `tracker` (tracking.Tracker) receives loss curves
+    (steer/<key>/{train_loss,val_loss,norm}) and the hit-rate table (steer/hit_rates). Returns the metadata written to
+    vectors.json.
 
     `resume_key` (a fingerprint of everything outside these arguments that the vectors depend on: model files,
     SAE checkpoint, taxonomy; `pipeline.steer` passes one) turns on resuming: each finished vector (with its

@@ -105,7 +105,8 @@ def _summary(problems: list[Problem], correct: list[bool], extra: dict | None = 
     return out
 
 
-def evaluate_thinking(model, tokenizer, problems: list[Problem], max_new_tokens: int = 220, batch_size: int = 64, return_outputs: bool = False):
+def evaluate_thinking(model, tokenizer, problems: list[Problem], max_new_tokens: int = 220, batch_size: int = 64,
+                      return_outputs: bool = False):
     prompts = [thinking_prompt_ids(tokenizer, p.question) for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = [parse_answer(o) == p.answer for o, p in zip(outs, problems)]
@@ -114,7 +115,8 @@ def evaluate_thinking(model, tokenizer, problems: list[Problem], max_new_tokens:
     return (res, outs) if return_outputs else res
 
 
-def evaluate_base(model, tokenizer, problems: list[Problem], prefix: str = "", max_new_tokens: int = 200, batch_size: int = 64, return_outputs: bool = False):
+def evaluate_base(model, tokenizer, problems: list[Problem], prefix: str = "", max_new_tokens: int = 200,
+                  batch_size: int = 64, return_outputs: bool = False):
     prompts = [base_prompt_ids(tokenizer, p.question, prefix) for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     texts = [base_answer_text(prefix + o) for o in outs]

@@ -99,7 +99,8 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def thinking_examples(tokenizer, problems: list[Problem], seed: int, chunk: int = 512) -> Iterator[tuple[list[int], list[int]]]:
+def thinking_examples(tokenizer, problems: list[Problem], seed: int, chunk: int = 512
+                      ) -> Iterator[tuple[list[int], list[int]]]:
     """Endless ``(ids, labels)`` of thinking documents; labels mask the chat prompt (by character offset)."""
     rng = random.Random(f"thinking-data-{seed}")
     backend = tokenizer.backend_tokenizer
@@ -196,7 +197,8 @@ def train_model(tokenizer, problems: list[Problem], cfg: TrainConfig, progress: 
     history, t0, ema = [], time.time(), None
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.kind}", disable=not progress, mininterval=2)
     for step in bar:
-        ids, labels, stats = pack_rows(stream, cfg.batch_rows, cfg.seq_len, tokenizer.pad_token_id, cfg.max_drops_per_row)
+        ids, labels, stats = pack_rows(stream, cfg.batch_rows, cfg.seq_len, tokenizer.pad_token_id,
+                                       cfg.max_drops_per_row)
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -297,7 +299,8 @@ def main(argv=None) -> dict:
     import sys
 
     log: dict = {"seed": args.seed, "run_seed": args.run_seed, "threads": args.threads, "models": {},
-                 "command": "python -m sae_reasoning.organism.train " + " ".join(sys.argv[1:] if argv is None else argv)}
+                 "command": "python -m sae_reasoning.organism.train "
+                 + " ".join(sys.argv[1:] if argv is None else argv)}
     run_seed = args.seed if args.run_seed is None else args.run_seed
     for kind, steps in (("thinking", args.steps_thinking), ("base", args.steps_base)):
         if args.only and kind != args.only:
