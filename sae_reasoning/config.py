@@ -62,8 +62,12 @@ class DataConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 16
-    backend: str = "hf"  # hf | vllm (GPU, optional extra)
+    backend: str = "hf"  # hf | vllm (GPU, optional extra; runs in a child process, before the HF model loads)
     tensor_parallel_size: int = 1  # vllm only
+    vllm_gpu_memory_utilization: float = 0.9  # vllm only: the share of each GPU's memory vLLM may take
+    # vllm only: the longest sequence vLLM plans its KV cache for; None = the longest prompt + max_new_tokens
+    # (capped at the model's context), instead of the model's whole context (131,072 tokens for the R1 distills)
+    vllm_max_model_len: Optional[int] = None
     # sentences and activations
     min_words: int = 3
     activation_dtype: str = "float32"  # float32 | float16 | bfloat16 on disk
@@ -324,6 +328,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.top_p={d.top_p}: must be in (0, 1]")
     _positive(d.batch_size, "data.batch_size")
     _positive(d.tensor_parallel_size, "data.tensor_parallel_size")
+    if not 0 < d.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"data.vllm_gpu_memory_utilization={d.vllm_gpu_memory_utilization}: must be in (0, 1]")
+    _positive(d.vllm_max_model_len, "data.vllm_max_model_len")
     _positive(d.activation_batch_size, "data.activation_batch_size")
     _positive(d.activation_sort_window, "data.activation_sort_window")
     _positive(d.min_words, "data.min_words", allow_zero=True)

@@ -71,16 +71,24 @@ class LoadedModel:
     source: str  # local folder or hub id
     n_layers: int
     d_model: int
+    config: Any = None  # the transformers config; the only model object when the weights were not loaded
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (its config's max_position_embeddings), if it says."""
+        cfg = self.config if self.config is not None else getattr(self.model, "config", None)
+        return getattr(cfg, "max_position_embeddings", None)
+
 
 def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto",
-               field: str = "model", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local folder or a hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               field: str = "model", trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder or a hub id, in eval mode. `weights=False` loads
+    the tokenizer and the config only (`model` is None), for a backend that loads the weights itself (vLLM)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = resolve_path(path)
     if local is None and is_local_path(path):
@@ -91,20 +99,23 @@ def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", d
             raise ModelLoadError(f"{field}={path!r}: {local} has no config.json; is it a Hugging Face model folder?")
     else:
         source, local_only = _hub_source(path, revision, field)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    dev = resolve_device(device) if weights else None
     kwargs = dict(revision=revision, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    model = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev), **kwargs)
+            model.to(dev).eval()
+            cfg = model.config
+        else:
+            cfg = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"{field}={path!r} could not be loaded: {str(exc).splitlines()[0]}") from None
-    model.to(dev).eval()
     if tokenizer.pad_token_id is None:  # batched generation needs a pad token; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
-    cfg = model.config
     return LoadedModel(model=model, tokenizer=tokenizer, source=source,
-                       n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size)
+                       n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, config=cfg)
 
 
 def load_pair(model_cfg: Any) -> tuple[LoadedModel, LoadedModel]:

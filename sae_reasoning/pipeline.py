@@ -48,10 +48,12 @@ def label_function(cfg: Any):
     return None
 
 
-def load_thinking(cfg: Any) -> LoadedModel:
+def load_thinking(cfg: Any, weights: bool = True) -> LoadedModel:
+    """The thinking model of `cfg.model`, its depth checked against `model.n_layers` (`weights=False`: tokenizer and
+    config only, `models.load_model`)."""
     spec = cfg.model.thinking
     lm = load_model(spec.path, revision=spec.revision, dtype=cfg.model.dtype, device=cfg.model.device,
-                    field="model.thinking.path", trust_remote_code=cfg.model.trust_remote_code)
+                    field="model.thinking.path", trust_remote_code=cfg.model.trust_remote_code, weights=weights)
     if lm.n_layers != cfg.model.n_layers:
         raise UserError(f"model.thinking: {spec.path} has {lm.n_layers} layers but "
                         f"model.n_layers={cfg.model.n_layers}; fix model.n_layers")
@@ -65,17 +67,18 @@ def sentence_activations(cfg: Any, tracker: tracking.Tracker | None = None) -> A
     traces_dir, acts_dir = cache / "traces" / t_fp, cache / "activations" / a_fp
     lm = None
     if not (acts_dir / "meta.json").exists():
+        if cfg.data.backend == "vllm" and not (traces_dir / "meta.json").exists():
+            from sae_reasoning.traces_vllm import generate_traces_vllm
+
+            load_thinking(cfg, weights=False)  # a wrong path or depth fails now, not after the traces
+            # first, in a child process that gives the GPU back when it ends; then the HF model for the activations
+            generate_traces_vllm(cfg, load_questions(cfg.data), traces_dir, fingerprint=t_fp)
         lm = load_thinking(cfg)
         if not (traces_dir / "meta.json").exists():
             questions = load_questions(cfg.data)
-            if cfg.data.backend == "vllm":
-                from sae_reasoning.traces_vllm import generate_traces_vllm
-
-                generate_traces_vllm(cfg, lm, questions, traces_dir, fingerprint=t_fp)
-            else:
-                generate_traces(lm, questions, traces_dir, batch_size=cfg.data.batch_size,
-                                max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.temperature,
-                                top_p=cfg.data.top_p, seed=cfg.data.seed, progress=cfg.progress, fingerprint=t_fp)
+            generate_traces(lm, questions, traces_dir, batch_size=cfg.data.batch_size,
+                            max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.temperature,
+                            top_p=cfg.data.top_p, seed=cfg.data.seed, progress=cfg.progress, fingerprint=t_fp)
         traces = list(iter_traces(traces_dir))
         extract_activations(lm, traces, cfg.model.sae_layers, acts_dir, batch_size=cfg.data.activation_batch_size,
                             sort_window=cfg.data.activation_sort_window,

@@ -25,7 +25,7 @@ GenerateFn = Callable[[Sequence[str], int], list[dict]]
 
 def check_context(lm: LoadedModel, lengths: Sequence[int], prompts: Sequence[str]) -> None:
     """A prompt that does not fit the model's context cannot be answered: say which, instead of generating garbage."""
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    limit = lm.context_length
     for n, prompt in zip(lengths, prompts):
         if limit is not None and n >= limit:
             raise DataError(f"a prompt has {n} tokens but {lm.source} has a context of {limit} "
@@ -68,7 +68,8 @@ def generate_traces(lm: LoadedModel, questions: Sequence[Question], folder: str 
     """Generate (or finish generating) the traces of `questions` into `folder`. Returns the folder.
 
     `prompt_fn(question)` builds the prompt text (default: the model's chat template, i.e. a thinking trace);
-    `generate_fn(prompts, seed)` replaces the Hugging Face backend (e.g. vLLM); `lm` still provides the tokenizer.
+    `generate_fn(prompts, seed)` replaces the Hugging Face backend (e.g. vLLM); `lm` still provides the tokenizer
+    and the source (its weights need not be loaded: `load_model(..., weights=False)`).
     """
     prompt_fn = prompt_fn or (lambda question: thinking_prompt(lm.tokenizer, question))
     folder = Path(folder)

@@ -1,28 +1,52 @@
-"""Optional vLLM backend for trace generation (GPU users; `pip install -e .[vllm]`), behind the same interface.
+"""Optional vLLM backend for trace generation (GPU users; `data.backend=vllm`), behind the same interface.
 
-Prompts go in as token ids (their special tokens are already in the chat-template text), so vLLM adds no second
-BOS. The shards, resume logic and records are those of `traces.generate_traces`.
+- **A child process.** vLLM takes `data.vllm_gpu_memory_utilization` (0.9) of each GPU for its weights and KV
+  cache and does not reliably give it back in-process. So the traces are generated in a spawned child process,
+  before the pipeline loads the Hugging Face model for the activations; the child's exit frees the GPU. The parent
+  never imports vLLM.
+- **Prompts go in as token ids** (their special tokens are already in the chat-template text), so vLLM adds no
+  second BOS; the prompts and records are those of the Hugging Face backend.
+- **The same shards.** `traces.generate_traces` writes them: each batch of questions has its own seed, so a rerun
+  after a crash or kill regenerates only the missing shards.
+- **What vLLM is told:** the thinking model's revision, `trust_remote_code` and dtype; `max_model_len` is the
+  longest prompt + `data.max_new_tokens`, capped at the model's context, unless `data.vllm_max_model_len` says
+  otherwise. With the model's whole context (131,072 tokens for the R1 distills), vLLM would refuse to start on a
+  GPU whose free memory cannot hold one such sequence's KV cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Sequence
 
+from sae_reasoning.artifacts import is_complete
 from sae_reasoning.data import Question
 from sae_reasoning.errors import UserError
-from sae_reasoning.models import LoadedModel
-from sae_reasoning.traces import generate_traces
+from sae_reasoning.models import LoadedModel, load_model, thinking_prompt
+from sae_reasoning.traces import check_context, generate_traces
+
+INSTALL_HINT = "data.backend=vllm needs vLLM: pip install vllm (GPU machines only), or use data.backend=hf"
 
 
-def vllm_generate_fn(model_path: str, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float,
-                     tensor_parallel_size: int = 1, dtype: str = "auto"):
+def vllm_generate_fn(lm: LoadedModel, *, max_new_tokens: int, temperature: float, top_p: float,
+                     max_model_len: int, revision: str | None = None, trust_remote_code: bool = False,
+                     tensor_parallel_size: int = 1, dtype: str = "auto", gpu_memory_utilization: float = 0.9):
+    """A `traces.GenerateFn` backed by one `vllm.LLM` of `lm.source` (its weights are loaded here, by vLLM)."""
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
     except ImportError:
-        raise UserError("data.backend=vllm needs vLLM: pip install -e '.[vllm]' (GPU machines only)") from None
-    llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+        raise UserError(INSTALL_HINT) from None
+    tokenizer = lm.tokenizer
+    eos = getattr(lm.config, "eos_token_id", None)  # vLLM also stops at the eos ids of the model's config
+    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None}
+    llm = LLM(model=lm.source, revision=revision, trust_remote_code=trust_remote_code,
+              tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,
+              gpu_memory_utilization=gpu_memory_utilization)
 
     def generate(prompts: Sequence[str], seed: int) -> list[dict]:
         params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
@@ -30,7 +54,9 @@ def vllm_generate_fn(model_path: str, tokenizer: Any, *, max_new_tokens: int, te
         records = []
         for out in llm.generate(inputs, params, use_tqdm=False):
             gen = out.outputs[0]
-            ids = [t for t in gen.token_ids if t != tokenizer.eos_token_id]
+            ids = list(gen.token_ids)
+            if gen.finish_reason == "stop" and ids and ids[-1] in stop_ids:  # as the HF backend: the eos that
+                ids = ids[:-1]  # ended the trace is not part of it
             records.append({"completion": tokenizer.decode(ids, skip_special_tokens=False), "completion_ids": ids,
                             "n_new_tokens": len(ids), "truncated": gen.finish_reason == "length"})
         return records
@@ -38,11 +64,45 @@ def vllm_generate_fn(model_path: str, tokenizer: Any, *, max_new_tokens: int, te
     return generate
 
 
-def generate_traces_vllm(cfg: Any, lm: LoadedModel, questions: Sequence[Question], folder: Path,
-                         fingerprint: str = "") -> Path:
-    d = cfg.data
-    fn = vllm_generate_fn(lm.source, lm.tokenizer, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                          top_p=d.top_p, tensor_parallel_size=d.tensor_parallel_size, dtype=cfg.model.dtype)
-    return generate_traces(lm, questions, folder, batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
-                           temperature=d.temperature, top_p=d.top_p, seed=d.seed, progress=cfg.progress,
-                           fingerprint=fingerprint, generate_fn=fn)
+def _child(settings: dict[str, Any], questions: list[Question], folder: str, fingerprint: str) -> str:
+    """The child process: tokenizer and config only (vLLM loads the weights), then `generate_traces`."""
+    lm = load_model(settings["path"], revision=settings["revision"], field="model.thinking.path",
+                    trust_remote_code=settings["trust_remote_code"], weights=False)
+    prompts = [thinking_prompt(lm.tokenizer, q.question) for q in questions]
+    lengths = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    check_context(lm, lengths, prompts)  # one clear line for a prompt that cannot fit, before vLLM starts
+    max_model_len = settings["max_model_len"] or max(lengths, default=0) + settings["max_new_tokens"]
+    if lm.context_length is not None and settings["max_model_len"] is None:
+        max_model_len = min(max_model_len, lm.context_length)
+    fn = vllm_generate_fn(lm, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                          top_p=settings["top_p"], max_model_len=max_model_len, revision=settings["revision"],
+                          trust_remote_code=settings["trust_remote_code"],
+                          tensor_parallel_size=settings["tensor_parallel_size"], dtype=settings["dtype"],
+                          gpu_memory_utilization=settings["gpu_memory_utilization"])
+    return str(generate_traces(lm, questions, folder, batch_size=settings["batch_size"],
+                               max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                               top_p=settings["top_p"], seed=settings["seed"], progress=settings["progress"],
+                               fingerprint=fingerprint, generate_fn=fn))
+
+
+def generate_traces_vllm(cfg: Any, questions: Sequence[Question], folder: str | Path, fingerprint: str = "") -> Path:
+    """The traces of `questions` from the thinking model of `cfg.model`, by vLLM in a child process (module doc).
+    Returns the folder; a complete folder is returned as it is."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return folder
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(INSTALL_HINT)
+    d, spec = cfg.data, cfg.model.thinking
+    settings = {"path": spec.path, "revision": spec.revision, "trust_remote_code": bool(cfg.model.trust_remote_code),
+                "dtype": cfg.model.dtype, "tensor_parallel_size": d.tensor_parallel_size,
+                "gpu_memory_utilization": float(d.vllm_gpu_memory_utilization), "max_model_len": d.vllm_max_model_len,
+                "max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_p": d.top_p, "seed": d.seed,
+                "batch_size": d.batch_size, "progress": bool(cfg.progress)}
+    # spawn, not fork: a forked child would inherit the parent's CUDA state (and threads), which vLLM cannot use
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return Path(pool.submit(_child, settings, list(questions), str(folder), fingerprint).result())
+        except BrokenProcessPool:
+            raise UserError(f"the vLLM trace process died (killed, or out of memory; see above); the finished "
+                            f"shards in {folder} are kept: rerun the same command to resume") from None

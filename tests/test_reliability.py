@@ -103,6 +103,8 @@ CONFIG_CASES = [
     ("data.top_p=1.5", "data.top_p=1.5"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("data.tensor_parallel_size=0", "data.tensor_parallel_size=0"),
+    ("data.vllm_gpu_memory_utilization=1.5", "data.vllm_gpu_memory_utilization=1.5: must be in (0, 1]"),
+    ("data.vllm_max_model_len=0", "data.vllm_max_model_len=0"),
     ("data.activation_batch_size=0", "data.activation_batch_size=0"),
     ("data.min_words=-1", "data.min_words=-1: must be >= 0"),
     ("data.backend=tgi", "data.backend='tgi'"),
@@ -172,7 +174,8 @@ CONFIG_CASES = [
     ("steer_dir=/no/such/vectors", "steer_dir='/no/such/vectors': no such folder"),
 ]
 NAN_CASES = [pytest.param(ov, ov.split("=")[0])
-             for ov in ("sae.lr_scale=nan", "steering.lr=nan", "data.temperature=nan", "hybrid.threshold=nan")]
+             for ov in ("sae.lr_scale=nan", "steering.lr=nan", "data.temperature=nan", "hybrid.threshold=nan",
+                        "data.vllm_gpu_memory_utilization=nan")]
 
 
 @pytest.mark.parametrize("overrides, message", CONFIG_CASES + NAN_CASES)

@@ -1,0 +1,139 @@
+"""The vLLM trace backend (`data.backend=vllm`): same traces as the Hugging Face backend, generated in a child
+process that ends before the pipeline loads the HF model, with what vLLM is told checked.
+
+vLLM itself needs a CUDA GPU, so these tests put `tests/stand_ins/vllm` first on the path: a stand-in that keeps
+vLLM's names and semantics for what the backend calls and generates with the HF model of the same folder (its
+docstring says exactly what it mimics). Everything else (config, child process, prompts, shards, records,
+pipeline order) is the real code.
+"""
+
+import json
+import os
+
+import pytest
+
+from sae_reasoning import pipeline
+from sae_reasoning.cli import compose_config
+from sae_reasoning.config import validate
+from sae_reasoning.data import load_questions
+from sae_reasoning.errors import UserError
+from sae_reasoning.models import load_model, thinking_prompt
+from sae_reasoning.traces import generate_traces, iter_traces
+from sae_reasoning.traces_vllm import generate_traces_vllm
+
+from conftest import REPO, SHARED_DATA
+from helpers import stories_with_chat_template
+
+STAND_INS = REPO / "tests" / "stand_ins"
+N_QUESTIONS, BATCH, MAX_NEW = 6, 4, 20
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, stories_path):
+    """stories260K with a chat template and "." as its eos: it never writes its own eos within a few hundred
+    tokens, but it ends a sentence after 18-23 tokens on these prompts, so traces of both kinds of end exist."""
+    model = stories_with_chat_template(stories_path, tmp_path_factory.mktemp("m") / "stories")
+    dot = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]["."]
+    for name, key, value in (("tokenizer_config.json", "eos_token", "."), ("config.json", "eos_token_id", dot),
+                             ("generation_config.json", "eos_token_id", dot)):
+        cfg = json.loads((model / name).read_text())
+        cfg[key] = value
+        (model / name).write_text(json.dumps(cfg))
+    return model
+
+
+def config(chat_model, tmp_path, *extra):
+    return compose_config([f"model.thinking.path={chat_model}", f"model.base.path={chat_model}", "model.n_layers=5",
+                           "model.sae_layers=[1]", "model.steering_layer=2", "model.dtype=float32",
+                           "model.device=cpu", "data=gsm8k", f"data.source={SHARED_DATA / 'gsm8k' / 'test.jsonl'}",
+                           f"data.limit={N_QUESTIONS}", f"data.max_new_tokens={MAX_NEW}", f"data.batch_size={BATCH}",
+                           "data.backend=vllm", "data.min_words=2", f"cache_dir={tmp_path / 'cache'}",
+                           "progress=false", *extra])
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path):
+    """vLLM's stand-in on the path of this process and of the spawned child; returns its log's reader."""
+    log = tmp_path / "vllm_calls.jsonl"
+    monkeypatch.syspath_prepend(str(STAND_INS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(STAND_INS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("VLLM_STAND_IN_LOG", str(log))
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_vllm_traces_equal_the_hf_backend_and_run_before_the_hf_model_loads(chat_model, tmp_path, stand_in,
+                                                                           monkeypatch):
+    cfg = config(chat_model, tmp_path)
+    validate(cfg)
+    loads = []  # (pid, vLLM calls logged so far) at each HF model load in this process
+    real_load_thinking = pipeline.load_thinking
+
+    def logged_load_thinking(cfg, weights=True):
+        if weights:
+            loads.append((os.getpid(), len(stand_in())))
+        return real_load_thinking(cfg, weights)
+
+    monkeypatch.setattr(pipeline, "load_thinking", logged_load_thinking)
+    store = pipeline.sentence_activations(cfg)
+    calls = stand_in()
+
+    # one LLM, in a child process, done before the one HF model load of this process
+    inits = [c for c in calls if c["event"] == "init"]
+    assert len(inits) == 1 and inits[0]["pid"] != os.getpid()
+    assert loads == [(os.getpid(), len(calls))]
+
+    # the traces equal the HF backend's (greedy, the same questions, prompts and batches)
+    lm = load_model(str(chat_model), dtype="float32", device="cpu")
+    questions = load_questions(cfg.data)
+    hf = list(iter_traces(generate_traces(lm, questions, tmp_path / "hf", batch_size=BATCH, max_new_tokens=MAX_NEW,
+                                          progress=False)))
+    ours = list(iter_traces(store.traces_dir))
+    assert len(ours) == N_QUESTIONS
+    keys = ("id", "prompt", "completion", "completion_ids", "n_new_tokens", "truncated")
+    assert [{k: t[k] for k in keys} for t in ours] == [{k: t[k] for k in keys} for t in hf]
+    assert any(t["truncated"] for t in ours) and any(not t["truncated"] for t in ours)  # both kinds of end
+
+    # what vLLM was told: the model, its dtype, no second BOS, a KV cache planned for these prompts only
+    prompts = [thinking_prompt(lm.tokenizer, q.question) for q in questions]
+    ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert ids[0][0] == lm.tokenizer.bos_token_id and ids[0][1] != lm.tokenizer.bos_token_id
+    init = inits[0]
+    assert (init["model"], init["dtype"], init["revision"]) == (str(chat_model), "float32", None)
+    assert init["gpu_memory_utilization"] == 0.9 and init["other"] == []
+    assert init["max_model_len"] == max(map(len, ids)) + MAX_NEW
+    gens = [c for c in calls if c["event"] == "generate"]
+    assert [p for g in gens for p in g["prompt_token_ids"]] == ids
+    assert [len(g["prompt_token_ids"]) for g in gens] == [BATCH, N_QUESTIONS - BATCH]  # one call per shard
+    assert {(g["temperature"], g["max_tokens"]) for g in gens} == {(0.0, MAX_NEW)}
+    assert len({g["seed"] for g in gens}) == 2  # a seed per shard, as the HF backend
+
+    # a rerun finds the traces and the activations: nothing is generated again
+    pipeline.sentence_activations(cfg)
+    assert stand_in() == calls
+
+
+def test_vllm_settings_reach_vllm(chat_model, tmp_path, stand_in):
+    cfg = config(chat_model, tmp_path, "data.vllm_gpu_memory_utilization=0.5", "data.vllm_max_model_len=200",
+                 "data.limit=2", "data.temperature=0.7")
+    validate(cfg)
+    folder = generate_traces_vllm(cfg, load_questions(cfg.data), tmp_path / "traces")
+    init = next(c for c in stand_in() if c["event"] == "init")
+    assert (init["gpu_memory_utilization"], init["max_model_len"]) == (0.5, 200)
+    assert [t["n_new_tokens"] <= MAX_NEW for t in iter_traces(folder)] == [True, True]
+
+
+def test_vllm_missing_is_one_clear_line(chat_model, tmp_path):
+    # (bad values of the vllm settings: tests/test_reliability.py's CONFIG_CASES)
+    cfg = config(chat_model, tmp_path)
+    with pytest.raises(UserError, match=r"^data.backend=vllm needs vLLM: pip install vllm"):
+        generate_traces_vllm(cfg, load_questions(cfg.data), tmp_path / "traces")
+    assert not (tmp_path / "traces" / "meta.json").exists()
+
+
+def test_a_prompt_longer_than_the_context_is_refused_in_the_child(chat_model, tmp_path, stand_in):
+    cfg = config(chat_model, tmp_path)
+    questions = load_questions(cfg.data)[:1]
+    questions[0].question = "word " * 600  # stories260K's context is 512 tokens
+    with pytest.raises(UserError, match=r"a prompt has \d+ tokens but .* has a context of 512"):
+        generate_traces_vllm(cfg, questions, tmp_path / "traces")
+    assert stand_in() == []  # refused before vLLM started
