@@ -28,6 +28,9 @@ class ModelSpec:
 
     path: str = MISSING
     revision: Optional[str] = None
+    # this model's device; None = model.device. Two GPUs for a pair that one cannot hold (the 32B pairs take
+    # ~66 GB each in bfloat16): model.thinking.device=cuda:0 model.base.device=cuda:1
+    device: Optional[str] = None
 
 
 @dataclass
@@ -316,8 +319,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("model.sae_layers is empty: give at least one layer, e.g. model.sae_layers=[4]")
     _layer(m.steering_layer, "model.steering_layer", m.base_n_layers or m.n_layers)
     _choice(m.dtype, "model.dtype", DTYPES)
-    if not (m.device in ("auto", "cpu", "cuda", "mps") or m.device.startswith("cuda:")):
-        raise ConfigError(f"model.device={m.device!r}: choose auto, cpu, cuda, cuda:N or mps")
+    for name, device in (("model.device", m.device), ("model.thinking.device", m.thinking.device),
+                         ("model.base.device", m.base.device)):
+        if device is not None and not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+            raise ConfigError(f"{name}={device!r}: choose auto, cpu, cuda, cuda:N or mps")
 
     d = cfg.data
     _choice(d.name, "data.name", ("organism", "gsm8k", "math500", "mmlu_pro"))

@@ -118,13 +118,19 @@ def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", d
                        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, config=cfg)
 
 
+def role_device(model_cfg: Any, role: str) -> str:
+    """The device of `role` ("thinking" or "base"): its own `device` if set, else `model.device`."""
+    return getattr(getattr(model_cfg, role), "device", None) or model_cfg.device
+
+
 def load_pair(model_cfg: Any) -> tuple[LoadedModel, LoadedModel]:
     """Load (thinking, base) from a `ModelConfig` and check the configured depth against the real one."""
     pair = []
     for role in ("thinking", "base"):
         spec = getattr(model_cfg, role)
-        loaded = load_model(spec.path, revision=spec.revision, dtype=model_cfg.dtype, device=model_cfg.device,
-                            field=f"model.{role}.path", trust_remote_code=model_cfg.trust_remote_code)
+        loaded = load_model(spec.path, revision=spec.revision, dtype=model_cfg.dtype,
+                            device=role_device(model_cfg, role), field=f"model.{role}.path",
+                            trust_remote_code=model_cfg.trust_remote_code)
         expected = model_cfg.n_layers if role == "thinking" else (model_cfg.base_n_layers or model_cfg.n_layers)
         if loaded.n_layers != expected:
             raise ModelLoadError(

@@ -15,7 +15,7 @@ from sae_reasoning.artifacts import fingerprint, folder_fingerprint
 from sae_reasoning.config import resolve_path
 from sae_reasoning.data import load_questions
 from sae_reasoning.errors import UserError
-from sae_reasoning.models import LoadedModel, load_model
+from sae_reasoning.models import LoadedModel, load_model, role_device
 from sae_reasoning.traces import generate_traces, iter_traces
 
 
@@ -52,8 +52,9 @@ def load_thinking(cfg: Any, weights: bool = True) -> LoadedModel:
     """The thinking model of `cfg.model`, its depth checked against `model.n_layers` (`weights=False`: tokenizer and
     config only, `models.load_model`)."""
     spec = cfg.model.thinking
-    lm = load_model(spec.path, revision=spec.revision, dtype=cfg.model.dtype, device=cfg.model.device,
-                    field="model.thinking.path", trust_remote_code=cfg.model.trust_remote_code, weights=weights)
+    lm = load_model(spec.path, revision=spec.revision, dtype=cfg.model.dtype,
+                    device=role_device(cfg.model, "thinking"), field="model.thinking.path",
+                    trust_remote_code=cfg.model.trust_remote_code, weights=weights)
     if lm.n_layers != cfg.model.n_layers:
         raise UserError(f"model.thinking: {spec.path} has {lm.n_layers} layers but "
                         f"model.n_layers={cfg.model.n_layers}; fix model.n_layers")
@@ -132,6 +133,8 @@ def steer(cfg: Any, run_dir: Path) -> None:
     resume_key = fingerprint({"base": model_fingerprint(cfg.model.base),
                               "thinking": model_fingerprint(cfg.model.thinking),
                               "dtype": cfg.model.dtype, "device": cfg.model.device,
+                              **({"devices": [role_device(cfg.model, r) for r in ("thinking", "base")]}
+                                 if cfg.model.thinking.device or cfg.model.base.device else {}),
                               "taxonomy": (train_dir / "taxonomy.json").read_text(),
                               "checkpoint": folder_fingerprint(train_dir / taxonomy["checkpoint"]),
                               "activations": grid.get("activations_fingerprint"), "data": cfg.data.name})

@@ -134,3 +134,25 @@ def test_generations_key_ignores_only_the_hybrid_speed_knobs(tmp_path):
     assert key(ids=["q1"]) != base
     (tmp_path / "taxonomy.json").write_text('{"name": "b"}')  # another chosen taxonomy
     assert key() != base
+
+
+def test_each_model_of_the_pair_can_have_its_own_device(stories_path, monkeypatch):
+    """`model.thinking.device` / `model.base.device` override `model.device` (two GPUs for the 32B pairs). With no
+    GPU visible `model.device=cuda` cannot load, so the pair loads only if both overrides take effect."""
+    import torch
+
+    from sae_reasoning.errors import ModelLoadError
+    from sae_reasoning.models import load_pair
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on the CPU machines, also on a GPU one
+    common = [f"model.thinking.path={stories_path}", f"model.base.path={stories_path}", "model.n_layers=5",
+              "model.sae_layers=[1]", "model.steering_layer=2", "model.dtype=float32"]
+    cfg = compose_config([*common, "model.device=cuda"])
+    validate(cfg)
+    with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
+        load_pair(cfg.model)
+    thinking, base = load_pair(compose_config([*common, "model.device=cuda", "model.thinking.device=cpu",
+                                               "model.base.device=cpu"]).model)
+    assert thinking.device == base.device == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
+        load_pair(compose_config([*common, "model.device=cuda", "model.thinking.device=cpu"]).model)  # base: cuda

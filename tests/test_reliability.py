@@ -95,6 +95,7 @@ CONFIG_CASES = [
     ("model.base_n_layers=2 model.steering_layer=3", "model.steering_layer=3: the model has 2 layers"),
     ("model.dtype=fp8", "model.dtype='fp8'"),
     ("model.device=tpu", "model.device='tpu'"),
+    ("model.base.device=gpu", "model.base.device='gpu': choose auto, cpu, cuda, cuda:N or mps"),
     ("data.name=squad", "data.name='squad'"),
     ("data.limit=0", "data.limit=0"),
     ("data.max_new_tokens=-5", "data.max_new_tokens=-5"),
