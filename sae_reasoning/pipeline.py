@@ -99,7 +99,16 @@ def sentence_activations(cfg: Any, tracker: tracking.Tracker | None = None) -> A
     return store
 
 
+def note_organism_data(cfg: Any, paper_data: str) -> None:
+    """One line when a real model meets the default data (the organism's arithmetic problems): it runs, but it is
+    not the paper's setting, and the config does not say so by itself."""
+    if cfg.data.name == "organism" and cfg.model.name != "organism":
+        print(f"note: data=organism (the default) with model={cfg.model.name}: the organism's arithmetic problems; "
+              f"the paper uses {paper_data}", flush=True)
+
+
 def train(cfg: Any, run_dir: Path) -> None:
+    note_organism_data(cfg, "MMLU-Pro traces (data=mmlu_pro data.limit=12000)")
     tracker = tracking.start(cfg, run_dir, "train")
     try:
         store = sentence_activations(cfg, tracker)
@@ -200,6 +209,8 @@ def eval_inputs_fingerprint(cfg: Any, method: str) -> str:
 def evaluate(cfg: Any, run_dir: Path) -> None:
     """Base, thinking and hybrid (+ controls) on the evaluation split; graded, summarised, plotted, logged."""
     from omegaconf import OmegaConf
+
+    note_organism_data(cfg, "GSM8K and MATH500 (data=gsm8k, data=math500)")
 
     from sae_reasoning.evaluate import (HYBRID_METHODS, format_summary, grade_records, plot_summary, run_sharded,
                                         summarise, write_results)

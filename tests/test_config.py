@@ -156,3 +156,15 @@ def test_each_model_of_the_pair_can_have_its_own_device(stories_path, monkeypatc
     assert thinking.device == base.device == torch.device("cpu")
     with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
         load_pair(compose_config([*common, "model.device=cuda", "model.thinking.device=cpu"]).model)  # base: cuda
+
+
+def test_a_real_model_on_the_default_data_gets_one_note(capsys):
+    from sae_reasoning.pipeline import note_organism_data
+
+    for overrides, noted in ((["model=deepseek-r1-distill"], True), ([], False),
+                             (["model=deepseek-r1-distill", "data=gsm8k"], False)):
+        note_organism_data(compose_config(overrides), "MMLU-Pro traces (data=mmlu_pro)")
+        out = capsys.readouterr().out
+        assert (out.splitlines() == ["note: data=organism (the default) with model=deepseek-r1-distill: the "
+                                     "organism's arithmetic problems; the paper uses MMLU-Pro traces (data=mmlu_pro)"]
+                if noted else out == ""), (overrides, out)
