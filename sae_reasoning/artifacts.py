@@ -117,6 +117,19 @@ def shard_path(folder: str | Path, batch_index: int) -> Path:
     return Path(folder) / f"shard-{batch_index:05d}.jsonl"
 
 
+def _shard_stamp(stamp: dict, batch_size: int, n_items: int) -> dict:
+    return {**stamp, "batch_size": batch_size, "n_items": n_items}
+
+
+def shards_done(folder: str | Path, n_items: int, batch_size: int, stamp: dict) -> bool:
+    """Whether `fill_shards` with these arguments has nothing left to make (every shard exists, under this stamp)."""
+    folder = Path(folder)
+    stamp_path = folder / "key.json"
+    if not stamp_path.exists() or json.loads(stamp_path.read_text()) != _shard_stamp(stamp, batch_size, n_items):
+        return False
+    return all(shard_path(folder, b).exists() for b in range(-(-n_items // batch_size)))
+
+
 def fill_shards(folder: str | Path, items: Sequence, batch_size: int, make_lines: Callable[[Sequence, int], list[str]],
                 *, stamp: dict, desc: str, progress: bool = True) -> list[Path]:
     """Resumable batch job: batch b of `items` becomes `shard-b.jsonl` (`make_lines(batch, b)`, written atomically:
@@ -128,7 +141,7 @@ def fill_shards(folder: str | Path, items: Sequence, batch_size: int, make_lines
 
     folder = Path(folder)
     stamp_path = folder / "key.json"
-    want = {**stamp, "batch_size": batch_size, "n_items": len(items)}
+    want = _shard_stamp(stamp, batch_size, len(items))
     if folder.exists() and (not stamp_path.exists() or json.loads(stamp_path.read_text()) != want):
         if any(folder.glob("shard-*.jsonl")):
             print(f"{desc}: {folder} holds shards of another configuration or batch size; regenerating them")

@@ -204,6 +204,9 @@ class EvalConfig:
     # Also ask the LLM judge of the `judge` group (judge=openai|hf) whether each final answer matches the gold:
     # saved per problem and compared in summary.json; math-verify stays the decision of record.
     second_opinion: bool = False
+    # hf | vllm: who writes the base and thinking methods' answers (vllm: GPU, in a child process before the pair
+    # loads, with data.vllm_* and data.tensor_parallel_size; the hybrid methods always run on hf)
+    backend: str = "hf"
 
 
 @dataclass
@@ -399,6 +402,7 @@ def validate(cfg: Any) -> None:
              "unsteered_rerank")
     for method in e.methods:
         _choice(method, "eval.methods", known)
+    _choice(e.backend, "eval.backend", ("hf", "vllm"))
     if not list(e.methods):
         raise ConfigError("eval.methods is empty: name at least one method, e.g. eval.methods=[base,thinking]")
     for name in ("limit", "max_new_tokens", "batch_size", "n_bootstrap", "num_shards"):

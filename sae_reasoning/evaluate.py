@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sae_reasoning.artifacts import atomic_write_json, atomic_write_text, fill_shards, read_jsonl
+from sae_reasoning.artifacts import atomic_write_json, atomic_write_text, fill_shards, read_jsonl, shards_done
 from sae_reasoning.data import Question
 from sae_reasoning.grading import grade
 
@@ -54,6 +54,11 @@ def run_sharded(folder: Path, questions: Sequence[Question], batch_size: int, fn
 
     shards = fill_shards(folder, questions, batch_size, make_lines, stamp={"key": key}, desc=desc, progress=progress)
     return [r for path in shards for r in read_jsonl(path)]
+
+
+def sharded_done(folder: Path, questions: Sequence[Question], batch_size: int, key: str = "") -> bool:
+    """Whether `run_sharded` with these arguments would find every shard done (and call `fn` for none)."""
+    return shards_done(folder, len(questions), batch_size, {"key": key})
 
 
 # ------------------------------------------------------------------------------------------------ statistics

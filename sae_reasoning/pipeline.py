@@ -188,19 +188,22 @@ def print_vectors(meta: dict) -> None:
 # Hybrid settings that change only how fast the same tokens come (hybrid.py tests each against one thinking forward
 # per token): left out of the generations' key, so a run resumed with another of them keeps its finished batches.
 HYBRID_SPEED_KNOBS = ("lazy_thinking", "speculative", "shared_drafts")
+PLAIN_METHODS = ("base", "thinking")  # eval.py's methods without steering (eval.backend may run them on vLLM)
 
 
 def generations_key(cfg: Any, method: str, budget: Any, question_ids: list) -> str:
     """The fingerprint of everything one method's generations depend on (`evaluate.run_sharded`'s `key`)."""
     hybrid = {k: cfg.hybrid[k] for k in cfg.hybrid if k not in HYBRID_SPEED_KNOBS}
+    # vLLM's greedy answers are not the HF backend's token for token: their shards never mix (key unchanged for hf)
+    backend = {"backend": "vllm"} if method in PLAIN_METHODS and cfg.eval.backend == "vllm" else {}
     return fingerprint({"method": method, "budget": budget, "questions": question_ids, "model": cfg.model,
                         "hybrid": hybrid, "steering_layer": cfg.steering.layer, "seed": cfg.seed,
-                        "inputs": eval_inputs_fingerprint(cfg, method)})
+                        "inputs": eval_inputs_fingerprint(cfg, method), **backend})
 
 
 def eval_inputs_fingerprint(cfg: Any, method: str) -> str:
     """What a hybrid method's generations depend on beyond the config: the taxonomy and the vectors files."""
-    if method in ("base", "thinking"):
+    if method in PLAIN_METHODS:
         return ""
     files = [Path(resolve_path(cfg.train_dir)) / "taxonomy.json", Path(resolve_path(cfg.steer_dir)) / "vectors.json"]
     return fingerprint([f.read_text() for f in files if f.exists()])
@@ -230,7 +233,18 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
         from sae_reasoning.answer_judge import make_answer_judge
 
         judge = make_answer_judge(cfg.judge, cache_dir=Path(cfg.cache_dir) / "judge", seed=cfg.seed)
-    thinking, base = load_pair(cfg.model)
+    keys = {m: generations_key(cfg, m, budget, [q.id for q in questions]) for m in e.methods}
+    by_vllm = [m for m in e.methods if m in PLAIN_METHODS] if e.backend == "vllm" else []
+    if by_vllm:  # each in a child process that gives the GPU back before the HF pair loads
+        from sae_reasoning.traces_vllm import generate_answers_vllm
+
+        for method in by_vllm:
+            generate_answers_vllm(cfg, method, questions, run_dir / "generations" / method,
+                                  batch_size=e.batch_size, max_new_tokens=budget, seed=cfg.seed * 1_000_003,
+                                  key=keys[method], desc=method)
+    thinking = base = None
+    if len(by_vllm) < len(e.methods):  # the HF pair: for the hybrid methods, and the plain ones without vLLM
+        thinking, base = load_pair(cfg.model)
     if hybrid_methods:  # a pair or control the hybrid refuses fails now, not after the other methods' generations
         from sae_reasoning.hybrid import check_methods
         from sae_reasoning.hybrid_stage import method_overrides
@@ -244,9 +258,14 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
                 return generate_batch(lm, prompts, max_new_tokens=budget, seed=cfg.seed * 1_000_003 + b)
             return fn
 
+        def done_by_vllm(batch, b):
+            raise RuntimeError(f"batch {b} should have been written by vLLM")
+
         results = {}
         for method in e.methods:
-            if method == "base":
+            if method in by_vllm:
+                fn = done_by_vllm
+            elif method == "base":
                 fn = plain(base, base_model_prompt)
             elif method == "thinking":
                 fn = plain(thinking, thinking_prompt)
@@ -254,9 +273,8 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
                 from sae_reasoning.hybrid_stage import hybrid_batch_fn
 
                 fn = hybrid_batch_fn(cfg, thinking, base, method, budget)
-            key = generations_key(cfg, method, budget, [q.id for q in questions])
             records = run_sharded(run_dir / "generations" / method, questions, e.batch_size, fn, method, cfg.progress,
-                                  key=key)
+                                  key=keys[method])
             results[method] = grade_records(records, questions)
         if judge is not None:  # after every method's generations are saved: a judge problem cannot cost them
             second_opinion(judge, results, questions, run_dir)

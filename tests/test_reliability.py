@@ -109,6 +109,7 @@ CONFIG_CASES = [
     ("data.activation_batch_size=0", "data.activation_batch_size=0"),
     ("data.min_words=-1", "data.min_words=-1: must be >= 0"),
     ("data.backend=tgi", "data.backend='tgi'"),
+    ("eval.backend=sglang", "eval.backend='sglang'"),
     ("data.activation_dtype=int8", "data.activation_dtype='int8'"),
     ("data.limit=abc", "data.limit"),
     ("sae.n_latents=[]", "sae.n_latents is empty"),

@@ -42,10 +42,20 @@ def chat_model(tmp_path_factory, stories_path):
     return model
 
 
-def config(chat_model, tmp_path, *extra):
+@pytest.fixture(scope="module")
+def short_questions(tmp_path_factory):
+    """The shortest GSM8K test questions: their base prompts fit stories260K's 512-token context too."""
+    rows = [json.loads(line) for line in (SHARED_DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    path = tmp_path_factory.mktemp("data") / "short.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: len(r["question"]))[:20]))
+    return path
+
+
+def config(chat_model, tmp_path, *extra, source=None):
+    source = source or SHARED_DATA / "gsm8k" / "test.jsonl"
     return compose_config([f"model.thinking.path={chat_model}", f"model.base.path={chat_model}", "model.n_layers=5",
                            "model.sae_layers=[1]", "model.steering_layer=2", "model.dtype=float32",
-                           "model.device=cpu", "data=gsm8k", f"data.source={SHARED_DATA / 'gsm8k' / 'test.jsonl'}",
+                           "model.device=cpu", "data=gsm8k", f"data.source={source}",
                            f"data.limit={N_QUESTIONS}", f"data.max_new_tokens={MAX_NEW}", f"data.batch_size={BATCH}",
                            "data.backend=vllm", "data.min_words=2", f"cache_dir={tmp_path / 'cache'}",
                            "progress=false", *extra])
@@ -137,3 +147,55 @@ def test_a_prompt_longer_than_the_context_is_refused_in_the_child(chat_model, tm
     with pytest.raises(UserError, match=r"a prompt has \d+ tokens but .* has a context of 512"):
         generate_traces_vllm(cfg, questions, tmp_path / "traces")
     assert stand_in() == []  # refused before vLLM started
+
+
+def shards(folder):
+    return [r for path in sorted(folder.glob("shard-*.jsonl")) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_eval_backend_vllm_writes_the_plain_methods_answers_without_loading_the_pair(chat_model, tmp_path, stand_in,
+                                                                                    monkeypatch, short_questions):
+    from sae_reasoning import models
+
+    common = ["eval.methods=[base,thinking]", f"eval.batch_size={BATCH}", f"eval.max_new_tokens={MAX_NEW}",
+              f"eval.limit={N_QUESTIONS}", "wandb=disabled"]
+    hf_dir, vllm_dir = tmp_path / "hf", tmp_path / "vllm"
+    pipeline.evaluate(config(chat_model, tmp_path, *common, "eval.backend=hf", source=short_questions), hf_dir)
+    assert stand_in() == []
+    real_load_pair = models.load_pair
+    pair_loads = []
+    monkeypatch.setattr(models, "load_pair", lambda *a, **k: pair_loads.append(1) or real_load_pair(*a, **k))
+    cfg = config(chat_model, tmp_path, *common, "eval.backend=vllm", source=short_questions)
+    validate(cfg)
+    pipeline.evaluate(cfg, vllm_dir)
+    calls = stand_in()
+
+    assert pair_loads == []  # vLLM wrote both methods: the HF pair was never loaded
+    inits = [c for c in calls if c["event"] == "init"]
+    assert len(inits) == 2 and len({c["pid"] for c in inits} | {os.getpid()}) == 3  # one child per model
+    keys = ("id", "completion", "completion_ids", "n_new_tokens", "truncated")
+    for method in ("base", "thinking"):
+        ours, hf = shards(vllm_dir / "generations" / method), shards(hf_dir / "generations" / method)
+        assert len(ours) == N_QUESTIONS and [{k: r[k] for k in keys} for r in ours] == [{k: r[k] for k in keys}
+                                                                                          for r in hf]
+    assert json.loads((vllm_dir / "summary.json").read_text()) == json.loads((hf_dir / "summary.json").read_text())
+    # the base method's prompts are the base prompt (no chat template), the thinking method's the chat template
+    lm = load_model(str(chat_model), dtype="float32", device="cpu")
+    questions = load_questions(cfg.data)  # the data.limit of config(): eval.limit is the same
+    firsts = [g["prompt_token_ids"][0] for g in calls if g["event"] == "generate"]
+    from sae_reasoning.models import base_model_prompt
+
+    assert firsts[0] == lm.tokenizer(base_model_prompt(lm.tokenizer, questions[0].question),
+                                     add_special_tokens=False)["input_ids"]
+    assert firsts[2] == lm.tokenizer(thinking_prompt(lm.tokenizer, questions[0].question),
+                                     add_special_tokens=False)["input_ids"]
+
+    # a rerun reuses every shard (no vLLM call); the other backend's shards are never taken for these (the keys
+    # differ for the plain methods only)
+    pipeline.evaluate(cfg, vllm_dir)
+    assert stand_in() == calls
+    hf_cfg, ids = config(chat_model, tmp_path, *common, "eval.backend=hf", source=short_questions), [q.id for q in
+                                                                                                     questions]
+    for method in ("base", "thinking"):
+        assert pipeline.generations_key(cfg, method, MAX_NEW, ids) != pipeline.generations_key(hf_cfg, method,
+                                                                                               MAX_NEW, ids)
