@@ -122,6 +122,25 @@ def test_vllm_traces_equal_the_hf_backend_and_run_before_the_hf_model_loads(chat
     assert stand_in() == calls
 
 
+def test_a_killed_vllm_process_resumes_to_the_same_traces(chat_model, tmp_path, stand_in, monkeypatch):
+    cfg = config(chat_model, tmp_path)
+    questions = load_questions(cfg.data)
+    clean = list(iter_traces(generate_traces_vllm(cfg, questions, tmp_path / "clean")))
+    n_clean = len(stand_in())
+    monkeypatch.setenv("VLLM_STAND_IN_KILL_AT", "2")  # dies before the second shard
+    with pytest.raises(UserError, match=r"the vLLM process died .* rerun the same command to resume"):
+        generate_traces_vllm(cfg, questions, tmp_path / "killed")
+    assert [p.name for p in (tmp_path / "killed").glob("shard-*.jsonl")] == ["shard-00000.jsonl"]
+    assert not (tmp_path / "killed" / "meta.json").exists()
+    monkeypatch.delenv("VLLM_STAND_IN_KILL_AT")
+    resumed = list(iter_traces(generate_traces_vllm(cfg, questions, tmp_path / "killed")))
+    assert resumed == clean  # nothing lost, nothing repeated
+    calls = stand_in()[n_clean:]
+    last_init = max(i for i, c in enumerate(calls) if c["event"] == "init")
+    resumed_calls = [len(c["prompt_token_ids"]) for c in calls[last_init:] if c["event"] == "generate"]
+    assert resumed_calls == [N_QUESTIONS - BATCH]  # the resumed run made the missing shard only
+
+
 def test_vllm_settings_reach_vllm(chat_model, tmp_path, stand_in):
     cfg = config(chat_model, tmp_path, "data.vllm_gpu_memory_utilization=0.5", "data.vllm_max_model_len=200",
                  "data.limit=2", "data.temperature=0.7")

@@ -7,13 +7,15 @@ its keyword arguments, `LLM.generate(prompts, sampling_params, use_tqdm=...)` re
 Hugging Face model of the same folder on the CPU, one prompt at a time, refuses prompts longer than
 `max_model_len` as vLLM does, stops at the config's eos ids (the stopping token is part of `token_ids`) and reports
 "stop" or "length". Every call is appended to the JSON-lines file named by $VLLM_STAND_IN_LOG, with the process id,
-so that tests can check what vLLM was given and in which process it ran.
+so that tests can check what vLLM was given and in which process it ran. With $VLLM_STAND_IN_KILL_AT=N the process
+SIGKILLs itself at its N-th `generate` call (1-based), before generating: a crash in the middle of a job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,9 @@ class LLM:
     def generate(self, prompts: list[dict], sampling_params: SamplingParams, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
         p = sampling_params
+        self.n_calls = getattr(self, "n_calls", 0) + 1
+        if str(self.n_calls) == os.environ.get("VLLM_STAND_IN_KILL_AT"):
+            os.kill(os.getpid(), signal.SIGKILL)
         _log({"event": "generate", "prompt_token_ids": [x["prompt_token_ids"] for x in prompts],
               "temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed})
         outs = []
