@@ -11,8 +11,8 @@ stay on the Hugging Face backend), behind the same interfaces.
 - **The same shards.** `traces.generate_traces` (traces) and `evaluate.run_sharded` (answers) write them: each
   batch of questions has its own seed, so a rerun after a crash or kill regenerates only the missing shards.
 - **What vLLM is told:** the model's revision, `trust_remote_code` and dtype; `max_model_len` is the
-  longest prompt + `data.max_new_tokens`, capped at the model's context, unless `data.vllm_max_model_len` says
-  otherwise. With the model's whole context (131,072 tokens for the R1 distills), vLLM would refuse to start on a
+  longest prompt + the token budget (`data.max_new_tokens`, or eval.py's budget), capped at the model's context,
+  unless `data.vllm_max_model_len` says otherwise. With the model's whole context (131,072 tokens for the R1 distills), vLLM would refuse to start on a
   GPU whose free memory cannot hold one such sequence's KV cache.
 """
 
@@ -31,7 +31,8 @@ from sae_reasoning.errors import UserError
 from sae_reasoning.models import LoadedModel, base_model_prompt, load_model, thinking_prompt
 from sae_reasoning.traces import check_context, generate_traces
 
-INSTALL_HINT = "data.backend=vllm needs vLLM: pip install vllm (GPU machines only), or use data.backend=hf"
+INSTALL_HINT = ("the vllm backend (data.backend=vllm, eval.backend=vllm) needs vLLM: pip install vllm (GPU machines "
+                "only), or use the hf backend")
 
 
 def vllm_generate_fn(lm: LoadedModel, *, max_new_tokens: int, temperature: float, top_p: float,

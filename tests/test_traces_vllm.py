@@ -154,7 +154,8 @@ def test_vllm_settings_reach_vllm(chat_model, tmp_path, stand_in):
 def test_vllm_missing_is_one_clear_line(chat_model, tmp_path):
     # (bad values of the vllm settings: tests/test_reliability.py's CONFIG_CASES)
     cfg = config(chat_model, tmp_path)
-    with pytest.raises(UserError, match=r"^data.backend=vllm needs vLLM: pip install vllm"):
+    with pytest.raises(UserError, match=r"^the vllm backend \(data.backend=vllm, eval.backend=vllm\) needs vLLM: "
+                                        r"pip install vllm"):
         generate_traces_vllm(cfg, load_questions(cfg.data), tmp_path / "traces")
     assert not (tmp_path / "traces" / "meta.json").exists()
 
