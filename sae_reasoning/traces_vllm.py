@@ -10,10 +10,10 @@ stay on the Hugging Face backend), behind the same interfaces.
   second BOS; the prompts and records are those of the Hugging Face backend.
 - **The same shards.** `traces.generate_traces` (traces) and `evaluate.run_sharded` (answers) write them: each
   batch of questions has its own seed, so a rerun after a crash or kill regenerates only the missing shards.
-- **What vLLM is told:** the model's revision, `trust_remote_code` and dtype; `max_model_len` is the
-  longest prompt + the token budget (`data.max_new_tokens`, or eval.py's budget), capped at the model's context,
-  unless `data.vllm_max_model_len` says otherwise. With the model's whole context (131,072 tokens for the R1 distills), vLLM would refuse to start on a
-  GPU whose free memory cannot hold one such sequence's KV cache.
+- **What vLLM is told:** the model's revision, `trust_remote_code` and dtype; `max_model_len` is the longest
+  prompt + the token budget (`data.max_new_tokens`, or eval.py's budget), capped at the model's context, unless
+  `data.vllm_max_model_len` says otherwise. With the model's whole context (131,072 tokens for the R1 distills),
+  vLLM would refuse to start on a GPU whose free memory cannot hold one such sequence's KV cache.
 """
 
 from __future__ import annotations
