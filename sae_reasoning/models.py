@@ -165,3 +165,7 @@ def base_model_prompt(tokenizer: Any, question: str) -> str:
     ids = tokenizer("", add_special_tokens=True)["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
     return (tokenizer.bos_token if adds_bos else "") + base_prompt(question)
+
+
+# Each role's own prompt text (eval.py's plain methods and the vLLM backend use the same ones)
+ROLE_PROMPTS = {"thinking": thinking_prompt, "base": base_model_prompt}

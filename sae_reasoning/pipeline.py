@@ -217,7 +217,7 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
 
     from sae_reasoning.evaluate import (HYBRID_METHODS, format_summary, grade_records, plot_summary, run_sharded,
                                         summarise, write_results)
-    from sae_reasoning.models import base_model_prompt, load_pair, thinking_prompt
+    from sae_reasoning.models import ROLE_PROMPTS, load_pair
     from sae_reasoning.traces import generate_batch
 
     e = cfg.eval
@@ -234,13 +234,14 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
 
         judge = make_answer_judge(cfg.judge, cache_dir=Path(cfg.cache_dir) / "judge", seed=cfg.seed)
     keys = {m: generations_key(cfg, m, budget, [q.id for q in questions]) for m in e.methods}
+    seed_base = cfg.seed * 1_000_003  # batch b of a plain method samples with seed_base + b, on either backend
     by_vllm = [m for m in e.methods if m in PLAIN_METHODS] if e.backend == "vllm" else []
     if by_vllm:  # each in a child process that gives the GPU back before the HF pair loads
         from sae_reasoning.traces_vllm import generate_answers_vllm
 
         for method in by_vllm:
             generate_answers_vllm(cfg, method, questions, run_dir / "generations" / method,
-                                  batch_size=e.batch_size, max_new_tokens=budget, seed=cfg.seed * 1_000_003,
+                                  batch_size=e.batch_size, max_new_tokens=budget, seed=seed_base,
                                   key=keys[method], desc=method)
     thinking = base = None
     if len(by_vllm) < len(e.methods):  # the HF pair: for the hybrid methods, and the plain ones without vLLM
@@ -255,7 +256,7 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
         def plain(lm: LoadedModel, prompt_fn):
             def fn(batch, b):
                 prompts = [prompt_fn(lm.tokenizer, q.question) for q in batch]
-                return generate_batch(lm, prompts, max_new_tokens=budget, seed=cfg.seed * 1_000_003 + b)
+                return generate_batch(lm, prompts, max_new_tokens=budget, seed=seed_base + b)
             return fn
 
         def done_by_vllm(batch, b):
@@ -265,10 +266,8 @@ def evaluate(cfg: Any, run_dir: Path) -> None:
         for method in e.methods:
             if method in by_vllm:
                 fn = done_by_vllm
-            elif method == "base":
-                fn = plain(base, base_model_prompt)
-            elif method == "thinking":
-                fn = plain(thinking, thinking_prompt)
+            elif method in PLAIN_METHODS:
+                fn = plain(thinking if method == "thinking" else base, ROLE_PROMPTS[method])
             else:
                 from sae_reasoning.hybrid_stage import hybrid_batch_fn
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from sae_reasoning.artifacts import is_complete
 from sae_reasoning.data import Question
 from sae_reasoning.errors import UserError
-from sae_reasoning.models import LoadedModel, base_model_prompt, load_model, thinking_prompt
+from sae_reasoning.models import ROLE_PROMPTS, LoadedModel, load_model
 from sae_reasoning.traces import check_context, generate_traces
 
 INSTALL_HINT = ("the vllm backend (data.backend=vllm, eval.backend=vllm) needs vLLM: pip install vllm (GPU machines "
@@ -77,17 +77,13 @@ def _settings(cfg: Any, role: str, **generation: Any) -> dict[str, Any]:
             "progress": bool(cfg.progress), **generation}
 
 
-def _prompt_fn(role: str):
-    return thinking_prompt if role == "thinking" else base_model_prompt
-
-
 def _open(settings: dict[str, Any], questions: Sequence[Question]) -> tuple[LoadedModel, Any]:
     """In the child: the model's tokenizer and config (vLLM loads the weights) and a vLLM `GenerateFn` whose KV
     cache is planned for these questions' prompts."""
     role = settings["role"]
     lm = load_model(settings["path"], revision=settings["revision"], field=f"model.{role}.path",
                     trust_remote_code=settings["trust_remote_code"], weights=False)
-    prompts = [_prompt_fn(role)(lm.tokenizer, q.question) for q in questions]
+    prompts = [ROLE_PROMPTS[role](lm.tokenizer, q.question) for q in questions]
     lengths = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     check_context(lm, lengths, prompts)  # one clear line for a prompt that cannot fit, before vLLM starts
     max_model_len = settings["max_model_len"] or max(lengths, default=0) + settings["max_new_tokens"]
@@ -113,7 +109,7 @@ def _answers_child(settings: dict[str, Any], questions: list[Question], folder: 
     from sae_reasoning.evaluate import run_sharded
 
     lm, fn = _open(settings, questions)
-    prompt_fn = _prompt_fn(settings["role"])
+    prompt_fn = ROLE_PROMPTS[settings["role"]]
     run_sharded(Path(folder), questions, settings["batch_size"],
                 lambda batch, b: fn([prompt_fn(lm.tokenizer, q.question) for q in batch], settings["seed"] + b),
                 desc, settings["progress"], key=key)

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from sae_reasoning import pipeline
+from sae_reasoning.artifacts import read_jsonl
 from sae_reasoning.cli import compose_config
 from sae_reasoning.config import validate
 from sae_reasoning.data import load_questions
@@ -170,7 +171,7 @@ def test_a_prompt_longer_than_the_context_is_refused_in_the_child(chat_model, tm
 
 
 def shards(folder):
-    return [r for path in sorted(folder.glob("shard-*.jsonl")) for r in map(json.loads, path.read_text().splitlines())]
+    return [r for path in sorted(folder.glob("shard-*.jsonl")) for r in read_jsonl(path)]
 
 
 def test_eval_backend_vllm_writes_the_plain_methods_answers_without_loading_the_pair(chat_model, tmp_path, stand_in,

@@ -65,12 +65,13 @@ class LLM:
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         eos = cfg.eos_token_id
         self.eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        self.n_calls = 0
 
     @torch.no_grad()
     def generate(self, prompts: list[dict], sampling_params: SamplingParams, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
         p = sampling_params
-        self.n_calls = getattr(self, "n_calls", 0) + 1
+        self.n_calls += 1
         if str(self.n_calls) == os.environ.get("VLLM_STAND_IN_KILL_AT"):
             os.kill(os.getpid(), signal.SIGKILL)
         _log({"event": "generate", "prompt_token_ids": [x["prompt_token_ids"] for x in prompts],
